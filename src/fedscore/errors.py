@@ -1,0 +1,11 @@
+"""The one exception type for bad input: the CLI prints its message, never a traceback."""
+
+
+class FedscoreError(ValueError):
+    """Bad input (a name, a config value, a data folder, a checkpoint) with a message that
+    says what is wrong and how to fix it."""
+
+
+def unknown(kind: str, name: object, allowed) -> FedscoreError:
+    """The error for a name that is not one of `allowed`."""
+    return FedscoreError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(allowed))}")
