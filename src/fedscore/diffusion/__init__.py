@@ -1,0 +1,37 @@
+"""The diffusion core (SPEC §1): the OU process, time grids, losses and samplers."""
+
+from fedscore.diffusion.grids import GRIDS, kappa, step_sizes, time_grid
+from fedscore.diffusion.losses import (
+    PARAMETERISATIONS,
+    WEIGHTINGS,
+    draw_noise,
+    dsm_loss,
+    eq9_value,
+    score_fn_of,
+    to_eps,
+    to_score,
+)
+from fedscore.diffusion.samplers import SAMPLERS, prior, sample
+from fedscore.diffusion.sde import conditional_score, marginal, perturb, sigma
+
+__all__ = [
+    "GRIDS",
+    "PARAMETERISATIONS",
+    "SAMPLERS",
+    "WEIGHTINGS",
+    "conditional_score",
+    "draw_noise",
+    "dsm_loss",
+    "eq9_value",
+    "kappa",
+    "marginal",
+    "perturb",
+    "prior",
+    "sample",
+    "score_fn_of",
+    "sigma",
+    "step_sizes",
+    "time_grid",
+    "to_eps",
+    "to_score",
+]

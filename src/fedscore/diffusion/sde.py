@@ -1,0 +1,63 @@
+"""The forward Ornstein–Uhlenbeck process, eq. 1: dX = -X dt + sqrt(2) dB.
+
+Closed form: X_t | X_0 ~ N(e^{-t} X_0, sigma_t^2 I) with sigma_t^2 = 1 - e^{-2t}.
+Every DDPM / VP schedule is this one SDE seen on another time grid (grids.py), so this is
+the only diffusion process in the library.
+
+Times are FORWARD times. A `t` argument is a float or a tensor broadcastable against the
+batch axis (shape (B,)); the helpers reshape it to broadcast over the data dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def as_time(t: float | Tensor, like: Tensor) -> Tensor:
+    """`t` as a tensor on `like`'s device/dtype, shaped (B, 1, ..., 1) to broadcast over `like`."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        return t
+    return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
+
+
+def mean_coef(t: float | Tensor) -> Tensor:
+    """alpha_t = e^{-t}, the factor on X_0 in the marginal mean."""
+    return torch.exp(-torch.as_tensor(t))
+
+
+def sigma(t: float | Tensor) -> Tensor:
+    """sigma_t = sqrt(1 - e^{-2t}), the marginal standard deviation (eq. 1's closed form).
+
+    `-expm1(-2t)` keeps full precision at the small early-stopping times delta ~ 1e-3.
+    """
+    return torch.sqrt(-torch.expm1(-2.0 * torch.as_tensor(t)))
+
+
+def marginal(x0: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std of X_t | X_0 = x0: (e^{-t} x0, sigma_t), broadcast over x0."""
+    tt = as_time(t, x0)
+    return mean_coef(tt) * x0, sigma(tt)
+
+
+def perturb(x0: Tensor, t: float | Tensor, eps: Tensor) -> Tensor:
+    """x_t = e^{-t} x0 + sigma_t eps, the reparameterised draw of X_t | X_0."""
+    m, s = marginal(x0, t)
+    return m + s * eps
+
+
+def conditional_score(xt: Tensor, x0: Tensor, t: float | Tensor) -> Tensor:
+    """grad log q(x_t | x_0) = -(x_t - e^{-t} x_0) / sigma_t^2 (the target in eq. 9)."""
+    m, s = marginal(x0, t)
+    return -(xt - m) / s**2
+
+
+def t_from_alpha_bar(alpha_bar: Tensor) -> Tensor:
+    """OU time of a DDPM step: e^{-2t} = alpha_bar, i.e. t = -0.5 log(alpha_bar)."""
+    return -0.5 * torch.log(alpha_bar)
+
+
+def alpha_bar(t: Tensor) -> Tensor:
+    """DDPM's alpha_bar at OU time t: e^{-2t}."""
+    return torch.exp(-2.0 * t)
