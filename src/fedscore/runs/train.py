@@ -1,0 +1,253 @@
+"""Centralised training (`federation: none`): the baseline every federated run compares to.
+
+One loop, seeded by the run's seed: draw a mini-batch and the DSM noise with the run's
+generator, take an optimiser step on the loss of eq. 9 (or DDPM's), log, checkpoint
+atomically. Resuming restores parameters, EMA, optimiser moments and the generator, so N
+steps equal N/2 + resume + N/2 exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fedscore import data as datasets
+from fedscore import diffusion
+from fedscore.errors import FedscoreError
+from fedscore.models import build_model, ema_update
+from fedscore.runs import checkpoint as ckpt
+from fedscore.runs.config import ModelConfig, RunConfig
+from fedscore.runs.folder import RunFolder
+
+
+class DivergenceError(FedscoreError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    folder: RunFolder
+    model: nn.Module
+    ema: dict[str, Tensor] | None
+    final_loss: float
+    eq9: float
+    seconds: float
+
+
+def build_model_for(
+    cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int | None, seed: int = 0
+):
+    """The score network a config names, sized for the data it will see, its initial
+    weights drawn from `seed` (in a forked RNG, so no global state is touched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(cfg, sample_shape, num_classes)
+
+
+def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int | None):
+    nc = num_classes if cfg.conditional else None
+    if cfg.kind == "mlp":
+        if len(sample_shape) != 1:
+            raise FedscoreError(
+                f"model.kind 'mlp' takes vector data, but the data have shape {sample_shape}; "
+                "use model.kind: unet for images"
+            )
+        return build_model("mlp", dim=sample_shape[0], num_classes=nc, **cfg.options)
+    if len(sample_shape) != 3:
+        raise FedscoreError(f"model.kind {cfg.kind!r} takes images (C, H, W), got {sample_shape}")
+    c, h, _ = sample_shape
+    return build_model(
+        cfg.kind, size=cfg.size, in_channels=c, image_size=h, num_classes=nc, **cfg.options
+    )
+
+
+def net_fn(model: nn.Module, y: Tensor | None):
+    """(x, t) -> raw output of `model` with labels y bound (None: unconditional)."""
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        return model(x, t, y)
+
+    return fn
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+
+
+def held_out_batch(cfg: RunConfig, n: int) -> tuple[Tensor, Tensor]:
+    """A fixed held-out batch (test split) on which every run reports eq. 9."""
+    images, labels = datasets.load(cfg.data.name, split="test", data_root=cfg.data.data_root)
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    idx = torch.randperm(len(images), generator=g)[:n]
+    return images[idx], labels[idx]
+
+
+def eval_eq9(cfg: RunConfig, model: nn.Module, x0: Tensor, y: Tensor, times: Tensor) -> float:
+    """Eq. 9's value of `model` on a held-out batch, with noise fixed by the run's seed."""
+    model.eval()
+    score = diffusion.score_fn_of(
+        net_fn(model, y if cfg.model.conditional else None), cfg.diffusion.parameterisation
+    )
+    value = diffusion.eq9_value(score, x0, times, torch.Generator().manual_seed(20_000 + cfg.seed))
+    model.train()
+    return value
+
+
+def train_central(
+    cfg: RunConfig, *, resume: bool = False, progress: bool = True, folder: RunFolder | None = None
+) -> TrainResult:
+    """Train one score model on the whole training split; returns the trained model."""
+    folder = folder or RunFolder.open(cfg, resume=resume)
+    images, labels = datasets.load(
+        cfg.data.name, split="train", data_root=cfg.data.data_root, download=cfg.data.download
+    )
+    num_classes = int(labels.max()) + 1
+    model = build_model_for(cfg.model, tuple(images.shape[1:]), num_classes, seed=cfg.seed)
+    opt = make_optimizer(cfg, model)
+    times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
+    total_time = float(times[0] - times[-1])
+    g = torch.Generator().manual_seed(cfg.seed)
+    ema = (
+        {k: v.detach().clone() for k, v in model.named_parameters()}
+        if cfg.train.ema_decay is not None
+        else None
+    )
+    start = 0
+    if resume:
+        start, ema = _restore(cfg, folder, model, opt, g, ema)
+        folder.truncate_metrics("step", start)
+    eval_x, eval_y = held_out_batch(cfg, cfg.train.eval_batch)
+
+    steps = cfg.train.steps
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
+               desc=f"train {cfg.name}")
+    t0 = time.perf_counter()
+    running, seen = 0.0, 0
+    loss_value = float("nan")
+    for step in bar:
+        idx = torch.randint(len(images), (cfg.train.batch_size,), generator=g)
+        x0 = images[idx]
+        y = labels[idx] if cfg.model.conditional else None
+        t, eps = diffusion.draw_noise(x0, times, cfg.diffusion.weighting, g)
+        loss = diffusion.dsm_loss(
+            net_fn(model, y), x0, t, eps,
+            weighting=cfg.diffusion.weighting,
+            parameterisation=cfg.diffusion.parameterisation,
+            total_time=total_time,
+        )
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise DivergenceError(
+                f"training diverged at step {step + 1}: loss is {loss_value}. The last good "
+                f"checkpoint is kept in {str(folder.checkpoint)!r}; lower train.lr "
+                f"(now {cfg.train.lr}) and resume with --resume"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema = ema_update(ema, dict(model.named_parameters()), cfg.train.ema_decay)
+        running += loss_value
+        seen += 1
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == steps:
+            elapsed = time.perf_counter() - t0
+            record = {"step": done, "loss": running / seen,
+                      "samples_per_s": seen * cfg.train.batch_size / max(elapsed, 1e-9)}
+            if done % cfg.train.checkpoint_every == 0 or done == steps:
+                record["eq9_heldout"] = eval_eq9(cfg, model, eval_x, eval_y, times)
+            folder.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}",
+                            samples_s=f"{record['samples_per_s']:.0f}")
+            running, seen, t0 = 0.0, 0, time.perf_counter()
+        if done % cfg.train.checkpoint_every == 0 or done == steps:
+            _save(cfg, folder, model, opt, g, ema, done)
+    final = _final_weights(model, ema)
+    ckpt.atomic_write(
+        folder.path / "model.safetensors",
+        lambda tmp: _save_weights(final, tmp),
+    )
+    eq9 = folder.metrics()[-1].get("eq9_heldout", float("nan")) if folder.metrics() else float(
+        "nan")
+    return TrainResult(folder, model, ema, loss_value, eq9, time.perf_counter() - t0)
+
+
+def _final_weights(model: nn.Module, ema: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """Weights used for sampling: the EMA when the run keeps one."""
+    return ema if ema is not None else {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _save_weights(weights: dict[str, Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, path)
+
+
+def _save(cfg, folder, model, opt, g, ema, step) -> None:
+    tensors = ckpt.prefixed("model", dict(model.state_dict()))
+    opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
+    tensors |= ckpt.prefixed("opt", opt_tensors)
+    if ema is not None:
+        tensors |= ckpt.prefixed("ema", ema)
+    tensors["rng/train"] = g.get_state()
+    ckpt.save_checkpoint(folder.checkpoint, tensors, {"step": step, "optimizer": opt_meta,
+                                                     "optimizer_name": cfg.train.optimizer})
+
+
+def _restore(cfg, folder, model, opt, g, ema):
+    tensors, state = ckpt.load_checkpoint(folder.checkpoint)
+    try:
+        model.load_state_dict(ckpt.unprefixed("model", tensors))
+    except RuntimeError as err:
+        raise FedscoreError(
+            f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model ({err})"
+        ) from None
+    if state.get("optimizer_name", cfg.train.optimizer) != cfg.train.optimizer:
+        raise FedscoreError(
+            f"the checkpoint was trained with train.optimizer={state['optimizer_name']!r}; "
+            f"resume with the same optimizer (the config says {cfg.train.optimizer!r})"
+        )
+    ckpt.restore_optimizer(opt, ckpt.unprefixed("opt", tensors), state["optimizer"])
+    for group in opt.param_groups:  # a resumed run takes the config's (maybe lowered) lr
+        group["lr"] = cfg.train.lr
+    g.set_state(tensors["rng/train"])
+    if ema is not None:
+        ema = ckpt.unprefixed("ema", tensors)
+    return int(state["step"]), ema
+
+
+def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
+    """The trained model of a run folder (EMA weights when kept), ready for sampling."""
+    from safetensors.torch import load_file
+
+    from fedscore.runs.config import load_config
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FedscoreError(
+            f"{str(run_dir)!r} holds no trained model (model.safetensors); train it first "
+            "with `fedscore train --config ...`"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    images, labels = datasets.load(cfg.data.name, split="test", data_root=cfg.data.data_root)
+    model = build_model_for(cfg.model, tuple(images.shape[1:]), int(labels.max()) + 1)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    except Exception as err:  # safetensors or shape mismatch: one clear message
+        raise FedscoreError(f"cannot load {str(weights)!r}: {err}") from None
+    params = dict(model.named_parameters())
+    if unexpected or any(k in params for k in missing):
+        raise FedscoreError(
+            f"{str(weights)!r} does not match the model of {str(run_dir / 'config.yaml')!r}"
+        )
+    model.eval()
+    return model, cfg
