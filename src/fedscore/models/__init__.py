@@ -7,8 +7,14 @@ from torch import nn
 from fedscore.errors import unknown
 from fedscore.models.ema import ema_update
 from fedscore.models.mlp import ScoreMLP
+from fedscore.models.unet import UNet, unet_preset
 
-MODELS = {"mlp": ScoreMLP}
+
+def _unet(size: str = "tiny", **kwargs) -> nn.Module:
+    return unet_preset(size, **kwargs)
+
+
+MODELS = {"mlp": ScoreMLP, "unet": _unet}
 
 
 def build_model(kind: str, **kwargs) -> nn.Module:
@@ -22,4 +28,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "ScoreMLP", "build_model", "count_params", "ema_update"]
+__all__ = ["MODELS", "ScoreMLP", "UNet", "build_model", "count_params", "ema_update",
+           "unet_preset"]
