@@ -1,7 +1,16 @@
 """Data (SPEC §5): bundled and local datasets, and worker partitions."""
 
-from fedscore.data.partition import SCHEMES, class_histogram, partition, plot_partition
-from fedscore.data.sources import DATASETS, info, load
+from fedscore.data.partition import SCHEMES, class_histogram, partition
+from fedscore.data.plots import plot_partition
+from fedscore.data.sources import DATASETS, DatasetInfo, info, load
 
-__all__ = ["DATASETS", "SCHEMES", "class_histogram", "info", "load", "partition",
-           "plot_partition"]
+__all__ = [
+    "DATASETS",
+    "SCHEMES",
+    "DatasetInfo",
+    "class_histogram",
+    "info",
+    "load",
+    "partition",
+    "plot_partition",
+]

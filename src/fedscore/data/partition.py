@@ -1,172 +1,279 @@
-"""Worker partitions: which sample indices each worker holds (seeded, disjoint).
+"""Worker partitions (issue 3; SPEC §2 and FI §4.1): one disjoint index set per worker.
 
-Why our own and not flwr-datasets' partitioners: those work on Hugging Face `datasets`
-objects (another large dependency, and a hub loader we may not call here), and neither of
-the FI paper's regimes (`homogeneous`, `dominant`) is among them; on an in-memory label
-array each scheme below is a few lines of numpy.
+`partition(labels, scheme, n_workers, seed, **kw)` returns a list of sorted int64 index
+arrays, one per worker. Schemes are plain functions in SCHEMES:
+
+- "iid": a seeded shuffle cut into n_workers near-equal slices (sizes differ by <= 1);
+- "dirichlet" (alpha=0.5): per class, proportions p_c ~ Dir(alpha 1_N) over the workers
+  (Hsu et al. 2019); small alpha -> each class concentrated on few workers;
+- "shards" (classes_per_worker=c): the pathological split of McMahan et al. 2017, made exact:
+  every worker holds exactly c distinct classes, every class is held by floor or ceil of
+  N c / K workers, which share its samples evenly;
+- "homogeneous": FI §4.1 HOMOGENEOUS — every worker holds floor or ceil of n_c / N of every
+  class c (10% of every digit for 10 workers);
+- "dominant": FI §4.1 HETEROGENEOUS — every worker holds m samples, exactly m/2 of class
+  j mod K and the rest evenly (to within 1) over the other K - 1 classes (see `_dominant`);
+- "all": FI §4.1 CONTROL — one worker holds everything.
+
+Why not flwr-datasets' partitioners: they partition Hugging Face `datasets.Dataset` objects
+(pulling in `datasets`/pyarrow, absent here), they have no exact homogeneous or
+dominant-class schemes (the FI paper's regimes), and their Dirichlet partitioner's
+resampling rule differs from run to run of its versions. The schemes are ~20 lines each
+of numpy on the label vector, exactly specified, and tested for the properties we rely on.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from fedscore.errors import FedscoreError, unknown
 
-
-def _classes(labels: np.ndarray) -> list[np.ndarray]:
-    return [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
-
-
-def iid(labels: np.ndarray, n_workers: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A uniformly random split into near-equal parts."""
-    return list(np.array_split(rng.permutation(len(labels)), n_workers))
+# A scheme: scheme(labels (n,) int, n_workers, rng, **options) -> list of index arrays.
+Scheme = Callable[..., list[np.ndarray]]
 
 
-def dirichlet(labels, n_workers, rng, alpha: float = 0.5) -> list[np.ndarray]:
-    """Each class split across workers by proportions ~ Dirichlet(alpha): small alpha, skewed
-    workers (Hsu et al. 2019)."""
-    if alpha <= 0:
-        raise FedscoreError(f"dirichlet partitions need alpha > 0 (got {alpha})")
-    parts: list[list[int]] = [[] for _ in range(n_workers)]
-    for idx in _classes(labels):
-        idx = rng.permutation(idx)
-        p = rng.dirichlet(np.full(n_workers, alpha))
-        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-        for w, chunk in enumerate(np.split(idx, cuts)):
-            parts[w].extend(chunk.tolist())
-    return [np.array(p, dtype=np.int64) for p in parts]
+def _split_sizes(idx: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    return np.split(idx, np.cumsum(sizes)[:-1])
 
 
-def shards(labels, n_workers, rng, classes_per_worker: int = 2) -> list[np.ndarray]:
-    """Pathological non-iid (McMahan et al. 2017): sort by label, cut into
-    n_workers * classes_per_worker shards, give each worker classes_per_worker shards."""
-    n_classes = int(labels.max()) + 1
-    if classes_per_worker > n_classes:
+def _iid(labels: np.ndarray, n_workers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(labels)), n_workers)
+
+
+def _dirichlet(
+    labels: np.ndarray,
+    n_workers: int,
+    rng: np.random.Generator,
+    *,
+    alpha: float = 0.5,
+    min_size: int = 1,
+    max_tries: int = 100,
+) -> list[np.ndarray]:
+    """Per class c: p_c ~ Dir(alpha, ..., alpha) over workers; the shuffled samples of c are
+    cut at round(cumsum(p_c) n_c). Redrawn (same rng stream, so still reproducible) until
+    every worker holds >= min_size samples, at most max_tries times."""
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise FedscoreError(f"dirichlet: alpha must be a positive number, got {alpha}")
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        chunks: list[list[np.ndarray]] = [[] for _ in range(n_workers)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(np.full(n_workers, float(alpha)))
+            cuts = np.clip(np.round(np.cumsum(p)[:-1] * len(idx)).astype(np.int64), 0, len(idx))
+            for w, piece in enumerate(np.split(idx, cuts)):
+                chunks[w].append(piece)
+        parts = [np.concatenate(ch) for ch in chunks]
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise FedscoreError(
+        f"dirichlet: after {max_tries} draws some worker still held fewer than min_size="
+        f"{min_size} samples (alpha={alpha}, {n_workers} workers, {len(labels)} samples); "
+        f"raise alpha, use fewer workers, or pass min_size=0 to allow empty workers"
+    )
+
+
+def _shards(
+    labels: np.ndarray, n_workers: int, rng: np.random.Generator, *, classes_per_worker: int = 2
+) -> list[np.ndarray]:
+    """Worker j holds classes perm[(j c + i) mod K], i < c (perm a seeded permutation of
+    the K classes): c distinct classes each, every class held by floor/ceil(N c / K) workers.
+    A class's shuffled samples are cut into near-equal shards, one per holder."""
+    classes = np.unique(labels)
+    k, c = len(classes), int(classes_per_worker)
+    if not 1 <= c <= k:
         raise FedscoreError(
-            f"classes_per_worker={classes_per_worker} exceeds the {n_classes} classes"
+            f"shards: classes_per_worker must be between 1 and the number of classes ({k}), "
+            f"got {classes_per_worker}"
         )
-    order = np.argsort(labels, kind="stable")
-    pieces = np.array_split(order, n_workers * classes_per_worker)
-    assignment = rng.permutation(len(pieces))
-    return [np.concatenate([pieces[j] for j in assignment[w::n_workers]])
-            for w in range(n_workers)]
-
-
-def homogeneous(labels, n_workers, rng) -> list[np.ndarray]:
-    """The FI paper's homogeneous regime: every worker holds 1/n_workers of every class
-    (class c's samples split into near-equal shares; remainders go to the first workers)."""
-    parts: list[list[int]] = [[] for _ in range(n_workers)]
-    for idx in _classes(labels):
-        for w, chunk in enumerate(np.array_split(rng.permutation(idx), n_workers)):
-            parts[w].extend(chunk.tolist())
-    return [np.array(p, dtype=np.int64) for p in parts]
-
-
-def dominant(labels, n_workers, rng) -> list[np.ndarray]:
-    """The FI paper's heterogeneous regime: worker j holds m samples, round(m/2) of class
-    j mod C and the rest spread evenly over the other C - 1 classes (counts differ by at most
-    one; the extra ones go to the classes after j).
-
-    m is the largest size every worker can get without reusing a sample: class c must cover
-    its dominant workers' halves plus its share of everyone else's other half.
-    """
-    n_classes = int(labels.max()) + 1
-    pools = [list(rng.permutation(idx)) for idx in _classes(labels)]
-    dominant_of = [j % n_classes for j in range(n_workers)]
-
-    def plan(m: int) -> list[np.ndarray]:
-        half = int(round(m / 2))
-        rest = m - half
-        counts = np.zeros((n_workers, n_classes), dtype=np.int64)
-        for j, d in enumerate(dominant_of):
-            counts[j, d] = half
-            others = [(d + 1 + i) % n_classes for i in range(n_classes - 1)]
-            base, extra = divmod(rest, n_classes - 1)
-            for i, c in enumerate(others):
-                counts[j, c] = base + (1 if i < extra else 0)
-        return counts
-
-    sizes = np.array([len(p) for p in pools])
-    lo, hi = 0, len(labels) // n_workers
-    while lo < hi:  # the largest feasible m (feasibility is monotone in m)
-        mid = (lo + hi + 1) // 2
-        if (plan(mid).sum(0) <= sizes).all():
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        raise FedscoreError("too few samples per class for the dominant partition")
-    counts = plan(lo)
-    parts = []
+    if n_workers * c < k:
+        raise FedscoreError(
+            f"shards: {n_workers} workers x {c} classes each cannot hold all {k} classes; "
+            f"use classes_per_worker >= {-(-k // n_workers)} or more workers"
+        )
+    perm = rng.permutation(k)
+    holders: list[list[int]] = [[] for _ in range(k)]
     for j in range(n_workers):
-        take = []
-        for c in range(n_classes):
-            take.extend(pools[c][: counts[j, c]])
-            del pools[c][: counts[j, c]]
-        parts.append(np.array(take, dtype=np.int64))
-    return parts
+        for i in range(c):
+            holders[perm[(j * c + i) % k]].append(j)
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n_workers)]
+    for ci, cls in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        if len(idx) < len(holders[ci]):
+            raise FedscoreError(
+                f"shards: class {cls} has {len(idx)} samples for {len(holders[ci])} workers "
+                f"that should hold it; use fewer workers or fewer classes per worker"
+            )
+        for j, piece in zip(holders[ci], np.array_split(idx, len(holders[ci]))):
+            chunks[j].append(piece)
+    return [np.concatenate(ch) for ch in chunks]
 
 
-def everything(labels, n_workers, rng) -> list[np.ndarray]:
-    """The FI paper's CONTROL: one worker holds all the data (n_workers must be 1)."""
-    if n_workers != 1:
+def _homogeneous(labels: np.ndarray, n_workers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Class c's n_c shuffled samples: floor(n_c / N) to every worker, and the n_c mod N
+    left over go one each to the next workers in a cycle that runs on across classes, so
+    worker sizes also differ by at most 1."""
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n_workers)]
+    offset = 0
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        q, r = divmod(len(idx), n_workers)
+        sizes = np.full(n_workers, q)
+        sizes[(offset + np.arange(r)) % n_workers] += 1
+        offset = (offset + r) % n_workers
+        for j, piece in enumerate(_split_sizes(idx, sizes)):
+            chunks[j].append(piece)
+    return [np.concatenate(ch) for ch in chunks]
+
+
+def _dominant_extras(m: int, dom: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """For workers of size m (even): the (N, K) 0/1 matrix of which non-dominant classes give
+    worker j one sample above q = floor((m/2) / (K - 1)), each worker e = (m/2) mod (K - 1)
+    of them, within what every class can supply; None if impossible. A bipartite
+    degree-constrained assignment, solved exactly as a max-flow problem."""
+    n, k = len(dom), len(counts)
+    a = m // 2
+    q, e = divmod(a, k - 1)
+    h = np.bincount(dom, minlength=k)
+    cap = counts - a * h - q * (n - h)  # what class c has left after the floors
+    if (cap < 0).any() or cap.sum() < n * e:
+        return None
+    if e == 0:
+        return np.zeros((n, k), dtype=np.int64)
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
+    # nodes: 0 source, 1..n workers, n+1..n+k classes, n+k+1 sink
+    src, dst, w = [0] * n, list(range(1, n + 1)), [e] * n
+    for j in range(n):
+        for c in range(k):
+            if c != dom[j]:
+                src.append(1 + j)
+                dst.append(1 + n + c)
+                w.append(1)
+    src += [1 + n + c for c in range(k)]
+    dst += [1 + n + k] * k
+    w += [int(min(cap[c], n)) for c in range(k)]
+    size = n + k + 2
+    graph = csr_array((np.array(w, dtype=np.int32), (src, dst)), shape=(size, size))
+    flow = maximum_flow(graph, 0, size - 1)
+    if flow.flow_value < n * e:
+        return None
+    return flow.flow.toarray()[1 : n + 1, n + 1 : n + k + 1].clip(min=0).astype(np.int64)
+
+
+def _dominant(labels: np.ndarray, n_workers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """FI §4.1 heterogeneous regime: worker j holds 50% class j, 50% evenly the others.
+
+    Worker j's dominant class is the (j mod K)-th smallest label (worker j <-> digit j).
+    Every worker gets the same number m of samples, m even: exactly m/2 of its dominant
+    class, and of each of the K - 1 other classes q = floor((m/2) / (K - 1)) or q + 1
+    (e = (m/2) mod (K - 1) of them get q + 1; which ones is chosen so that every class can
+    supply its share). m is the largest even size for which this is possible, scanned down
+    from 2 floor(n / 2N); with balanced classes (n_c = n / K, N = K) it uses all the data.
+    Samples beyond N m are left out; which ones is drawn by the seed."""
+    classes = np.unique(labels)
+    k = len(classes)
+    if k < 2:
+        raise FedscoreError("dominant: the labels need at least 2 classes")
+    dom = np.arange(n_workers) % k
+    counts = np.array([np.sum(labels == cls) for cls in classes])
+    for m in range(len(labels) // n_workers // 2 * 2, 0, -2):
+        extras = _dominant_extras(m, dom, counts)
+        if extras is not None:
+            break
+    else:
         raise FedscoreError(
-            f"the 'all' partition has exactly one worker (got n_workers={n_workers})"
+            f"dominant: too few samples for {n_workers} workers over {k} classes (class counts "
+            f"{counts.tolist()}): use fewer workers or more data"
         )
-    return [np.arange(len(labels), dtype=np.int64)]
+    take = np.where(dom[:, None] == np.arange(k), m // 2, (m // 2) // (k - 1) + extras)
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n_workers)]
+    for ci, cls in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        sizes = take[:, ci]
+        for j, piece in enumerate(_split_sizes(idx[: sizes.sum()], sizes)):
+            chunks[j].append(piece)
+    return [np.concatenate(ch) for ch in chunks]
 
 
-SCHEMES: dict[str, Callable[..., list[np.ndarray]]] = {
-    "iid": iid,
-    "dirichlet": dirichlet,
-    "shards": shards,
-    "homogeneous": homogeneous,
-    "dominant": dominant,
-    "all": everything,
+def _all(labels: np.ndarray, n_workers: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [np.arange(len(labels))]
+
+
+SCHEMES: dict[str, Scheme] = {
+    "iid": _iid,
+    "dirichlet": _dirichlet,
+    "shards": _shards,
+    "homogeneous": _homogeneous,
+    "dominant": _dominant,
+    "all": _all,
 }
+"""Plug-in point: name -> scheme(labels, n_workers, rng, **options) -> list of index arrays."""
 
 
-def partition(labels, scheme: str, n_workers: int = 10, seed: int = 0, **kw) -> list[np.ndarray]:
-    """Disjoint, sorted int64 index arrays, one per worker, by a named scheme (seeded)."""
-    labels = np.asarray(labels)
+def _as_labels(labels) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise FedscoreError(
+            f"labels must be a 1-D array of integers, got shape {y.shape} dtype {y.dtype}"
+        )
+    if len(y) == 0:
+        raise FedscoreError("labels is empty: there is nothing to partition")
+    return y.astype(np.int64, copy=False)
+
+
+def partition(
+    labels, scheme: str, n_workers: int | None = None, seed: int = 0, **options
+) -> list[np.ndarray]:
+    """Split sample indices among workers: list of n_workers sorted int64 index arrays,
+    pairwise disjoint.
+
+    labels: (n,) integer class labels (numpy or torch). scheme: a key of SCHEMES; options
+    are the scheme's keyword arguments (dirichlet: alpha, min_size; shards:
+    classes_per_worker). n_workers defaults to 10, and to 1 for "all", which takes no other
+    value (one worker holds everything: asking for more is an error, not a silent change).
+    The same (labels, scheme, n_workers, seed, options) always gives the same partition.
+    """
     if scheme not in SCHEMES:
         raise unknown("partition scheme", scheme, SCHEMES)
-    if not isinstance(n_workers, int) or n_workers < 1:
-        raise FedscoreError(f"n_workers must be a positive integer (got {n_workers!r})")
-    if n_workers > len(labels):
-        raise FedscoreError(f"{n_workers} workers but only {len(labels)} samples")
+    y = _as_labels(labels)
+    if n_workers is None:
+        n_workers = 1 if scheme == "all" else 10
+    if not isinstance(n_workers, int | np.integer) or n_workers < 1:
+        raise FedscoreError(f"n_workers must be a positive integer, got {n_workers!r}")
+    if scheme == "all" and n_workers != 1:
+        raise FedscoreError(
+            f"partition scheme 'all' gives all data to one worker; n_workers must be 1, got "
+            f"{n_workers} (set the number of workers to 1, or choose another scheme)"
+        )
+    if n_workers > len(y):
+        raise FedscoreError(f"n_workers={n_workers} is more than the {len(y)} samples")
+    fn = SCHEMES[scheme]
+    allowed = [
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+    extra = sorted(set(options) - set(allowed))
+    if extra:
+        raise FedscoreError(
+            f"partition scheme {scheme!r} takes no option {', '.join(map(repr, extra))}; "
+            f"its options: {', '.join(allowed) or 'none'}"
+        )
     rng = np.random.default_rng(seed)
-    parts = SCHEMES[scheme](labels, n_workers, rng, **kw)
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    return [np.sort(p).astype(np.int64) for p in fn(y, int(n_workers), rng, **options)]
 
 
 def class_histogram(labels, parts, n_classes: int | None = None) -> np.ndarray:
-    """(n_workers, n_classes) counts of each class held by each worker."""
-    labels = np.asarray(labels)
-    n_classes = n_classes or int(labels.max()) + 1
-    return np.stack([np.bincount(labels[p], minlength=n_classes) for p in parts])
-
-
-def plot_partition(labels, parts, path: Path) -> Path:
-    """A heat-map PNG of class_histogram, counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hist = class_histogram(labels, parts)
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * hist.shape[1], 1 + 0.4 * hist.shape[0]))
-    ax.imshow(hist, cmap="viridis", aspect="auto")
-    for (i, j), v in np.ndenumerate(hist):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                color="white" if v < hist.max() / 2 else "black")
-    ax.set_xlabel("class")
-    ax.set_ylabel("worker")
-    ax.set_title("samples per worker and class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    """(n_workers, n_classes) int64: counts[j, c] = #{i in parts[j] : labels[i] = c}.
+    n_classes defaults to max(labels) + 1."""
+    y = _as_labels(labels)
+    if n_classes is None:
+        n_classes = int(y.max()) + 1
+    if y.min() < 0 or y.max() >= n_classes:
+        raise FedscoreError(f"labels must lie in [0, {n_classes}) for n_classes={n_classes}")
+    return np.stack(
+        [np.bincount(y[np.asarray(p, dtype=np.int64)], minlength=n_classes) for p in parts]
+    ).astype(np.int64)

