@@ -1,0 +1,577 @@
+"""Theorem 1, Corollaries 1-2 and Remark 1 of the pruning paper, term by term (SPEC §4).
+
+Every function returns a `Bound`: the right-hand side split into its additive terms, the
+paper's conditions (met or not, each violation named with its numbers) and the auxiliary
+numbers (step size, thresholds). Violated conditions are reported, never raised; only an
+input that means nothing (negative, non-finite, a zero count) raises `FedscoreError`.
+
+Conventions (the paper's symbols):
+- `sigma1`, `sigma2` are the standard deviations of Assumption 3 (they enter squared);
+- `w` is the pruning factor of Assumption 2, `||theta - theta*m||^2 <= w^2 ||theta||^2`
+  (pass w, not w^2);
+- `theta0_sq` = E||theta_0||^2, `F0` = F(theta_0), `FQ` = F(theta_Q);
+- hidden constants of the paper's O(.) and Theta(.) are set to 1.
+
+Where a condition that makes the bound meaningful fails (w >= sqrt(2)/2 makes 1 - 2w^2 <= 0;
+Gamma* = 0 divides by zero) the affected terms, and so the total, are +inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fedscore.errors import FedscoreError
+
+SQRT2_2 = math.sqrt(2.0) / 2.0
+
+# Keys of Bound.conditions: the conditions as the paper writes them.
+COND_ETA_STEP = "eta <= 1/(27 S L)"
+COND_ETA_DRIFT = "eta <= sqrt(1/(3(8 L^2 S^2 + 16 S^2 L^2 w^2/(1-2w^2))))"
+COND_W = "w < sqrt(2)/2"
+COND_GAMMA_MIN = "Gamma* >= 1"
+COND_GAMMA_N = "Gamma* <= N"
+COND_Q_STEP = "Q >= 729 Gamma* S L^2"
+COND_Q_GS = "Q >= Gamma* S"
+COND_Q_DRIFT = "Q >= 3 Gamma* (8 S L^2 + 16 S L^2 w^2/(1-2w^2))"
+COND_T = "T >= 1"
+COND_GRID = "gamma_k <= kappa min(1, T - t_{k+1})"
+COND_DELTA = "delta < 1"
+COND_T_DELTA = "T > delta"
+COND_K = "K >= log(1/delta)"
+COND_FORWARD = "d e^{-2T} <= eps^2"
+COND_DSM = "C (T - delta) <= eps^2"
+COND_SIGMA = "sigma1 = sigma2 = 0"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A bound evaluated term by term.
+
+    `terms[name]` is one additive term of the right-hand side, `formulas[name]` the paper's
+    expression for it; `conditions[key]` says whether the paper's condition `key` holds and
+    `violations` names each failed one with its numbers; `derived` holds auxiliary numbers
+    (eta, thresholds), `recommended` Remark 1's choices of Q, T, K, kappa.
+    """
+
+    statement: str
+    terms: dict[str, float]
+    formulas: dict[str, str]
+    conditions: dict[str, bool]
+    violations: list[str]
+    notes: list[str] = field(default_factory=list)
+    derived: dict[str, float] = field(default_factory=dict)
+    recommended: dict[str, float] = field(default_factory=dict)  # Q and K as int
+
+    @property
+    def total(self) -> float:
+        """The right-hand side: the sum of the terms (+inf if any term is)."""
+        values = list(self.terms.values())
+        return math.inf if any(math.isinf(v) for v in values) else math.fsum(values)
+
+    @property
+    def dominant(self) -> str:
+        """Name of the largest term."""
+        return max(self.terms, key=self.terms.__getitem__)
+
+    @property
+    def eta(self) -> float | None:
+        """The step size the bound is evaluated at (None for Remark 1)."""
+        return self.derived.get("eta")
+
+    def to_markdown(self) -> str:
+        """The terms as a table (value and share of the total), then conditions and notes."""
+        total = self.total
+        lines = [f"**{self.statement}**", "", "| term | paper expression | value | share |"]
+        lines.append("|---|---|---:|---:|")
+        for name, value in self.terms.items():
+            share = f"{100 * value / total:.1f}%" if math.isfinite(total) and total else "-"
+            lines.append(f"| {name} | `{_cell(self.formulas[name])}` | {value:.4g} | {share} |")
+        lines += [f"| **total** | | **{total:.4g}** | |", "", f"Dominant term: `{self.dominant}`"]
+        if self.recommended:
+            rec = ", ".join(f"{k} = {_f(v)}" for k, v in self.recommended.items())
+            lines += ["", f"Recommended: {rec}"]
+        if self.derived:
+            der = ", ".join(f"{k} = {_f(v)}" for k, v in self.derived.items())
+            lines += ["", f"Derived: {der}"]
+        lines += ["", "Conditions:"]
+        lines += [f"- [{'x' if ok else ' '}] `{key}`" for key, ok in self.conditions.items()]
+        if self.violations:
+            lines += ["", "Violated:"] + [f"- {v}" for v in self.violations]
+        if self.notes:
+            lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _f(x: float) -> str:
+    # Counts (Q, K, thresholds like 729 G S L^2) in full, everything else to 4 digits.
+    x = float(x)
+    return str(int(x)) if math.isfinite(x) and x.is_integer() and abs(x) < 1e15 else f"{x:.4g}"
+
+
+def _num(name: str, value, *, minimum=0.0, strict=False, integer=False) -> float:
+    """Validate one constant: a finite number >= minimum (> if strict), whole if `integer`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            value = float(value)  # numpy / 0-d torch scalars
+        except (TypeError, ValueError):
+            raise FedscoreError(f"{name} must be a number (got {value!r})") from None
+    x = float(value)
+    if not math.isfinite(x):
+        raise FedscoreError(f"{name} must be finite (got {value!r})")
+    if x < minimum or (strict and x == minimum):
+        raise FedscoreError(f"{name} must be {'>' if strict else '>='} {minimum:g} (got {value!r})")
+    if integer and not x.is_integer():
+        raise FedscoreError(f"{name} must be a whole number (got {value!r})")
+    return x
+
+
+def _div(num: float, den: float) -> float:
+    # Every denominator here is positive where the paper's conditions hold; a zero or
+    # negative one (Gamma* = 0, 1 - 2w^2 <= 0) means the bound is void, shown as +inf.
+    return num / den if den > 0 else math.inf
+
+
+class _Checks:
+    def __init__(self) -> None:
+        self.conditions: dict[str, bool] = {}
+        self.violations: list[str] = []
+
+    def need(self, key: str, ok: bool, why: str) -> None:
+        self.conditions[key] = bool(ok)
+        if not ok:
+            self.violations.append(why)
+
+
+def _check_w_gamma(checks: _Checks, w: float | None, gamma_star: float, N: float | None):
+    """w < sqrt(2)/2 (Theorem 1; skipped if w is None), Gamma* >= 1 and Gamma* <= N (eq. 8)."""
+    if w is not None:
+        checks.need(
+            COND_W,
+            w < SQRT2_2,
+            f"w={_f(w)} >= sqrt(2)/2={_f(SQRT2_2)}: 1-2w^2={_f(1 - 2 * w * w)} <= 0, "
+            "the pruning terms are unbounded",
+        )
+    checks.need(
+        COND_GAMMA_MIN,
+        gamma_star >= 1,
+        f"Gamma*={_f(gamma_star)} < 1: some coordinate was kept by no worker (eq. 8)",
+    )
+    if N is not None:
+        checks.need(
+            COND_GAMMA_N,
+            gamma_star <= N,
+            f"Gamma*={_f(gamma_star)} > N={_f(N)}: no coordinate is kept by more workers than N",
+        )
+
+
+def _drift_sum(L: float, S: float, w: float) -> float:
+    """8 L^2 S^2 + 16 S^2 L^2 w^2/(1-2w^2), the sum in H_0 >= 2/3 (Appendix D)."""
+    one_m = 1.0 - 2.0 * w * w
+    return 8 * L**2 * S**2 + _div(16 * S**2 * L**2 * w**2, one_m)
+
+
+def _check_q(checks: _Checks, *, Q: float, gamma_star: float, S: float, L: float, w: float):
+    """Corollary 1's Q conditions (Appendix E: eta = sqrt(Gamma*/(S Q)) meets Theorem 1's)."""
+    q_step = 729 * gamma_star * S * L**2
+    q_gs = gamma_star * S
+    q_drift = 3 * gamma_star * _div(_drift_sum(L, S, w), S)  # = 3 G (8 S L^2 + 16 S L^2 ...)
+    checks.need(COND_Q_STEP, Q >= q_step, f"Q={_f(Q)} < 729 Gamma* S L^2={_f(q_step)}")
+    checks.need(COND_Q_GS, Q >= q_gs, f"Q={_f(Q)} < Gamma* S={_f(q_gs)}")
+    checks.need(
+        COND_Q_DRIFT,
+        Q >= q_drift,
+        f"Q={_f(Q)} < 3 Gamma* (8 S L^2 + 16 S L^2 w^2/(1-2w^2))={_f(q_drift)}",
+    )
+    return {"Q_min": max(q_step, q_gs, q_drift)}
+
+
+_T1_FORMULAS = {
+    "optimisation": "6 (F(theta_0) - F(theta_Q)) / (eta S Q)",
+    "pruning_init": "(54 eta S L^3 w^4/(Q(1-2w^2)) + 18 L^2 w^4/(Q(1-2w^2))) E||theta_0||^2",
+    "sgd_noise_coverage": "9 eta L N sigma_1^2 / (Gamma*)^2",
+    "sgd_noise": "(9 eta S L/2 + 3/2) sigma_1^2",
+    "heterogeneity": "(9 eta S L/2 + 3/2) sigma_2^2",
+}
+_C1_FORMULAS = {
+    "optimisation": "6 (F(theta_0) - F(theta_Q)) / sqrt(Gamma* S Q)",
+    "pruning_init": "(2 L^2 w^4/(Q(1-2w^2)) + 18 L^2 w^4/(Q(1-2w^2))) E||theta_0||^2",
+    "sgd_noise_coverage": "9 L N sigma_1^2 / (Gamma* sqrt(Gamma* S Q))",
+    "sgd_noise": "5/3 sigma_1^2",
+    "heterogeneity": "5/3 sigma_2^2",
+}
+
+
+def _common(L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq) -> tuple[float, ...]:
+    """The validated (L, w, sigma1, sigma2, N, S, Q, gamma_star, F0, theta0_sq)."""
+    counts = {"N": N, "S": S, "Q": Q}
+    return (
+        *(_num(k, v) for k, v in {"L": L, "w": w, "sigma1": sigma1, "sigma2": sigma2}.items()),
+        *(_num(k, v, minimum=1, integer=True) for k, v in counts.items()),
+        _num("gamma_star", gamma_star),
+        _num("F0", F0, minimum=-math.inf),
+        _num("theta0_sq", theta0_sq),
+    )
+
+
+def theorem1(
+    *, L: float, w: float, sigma1: float, sigma2: float, N: int, gamma_star: float, S: int,
+    Q: int, eta: float, F0: float, FQ: float, theta0_sq: float,
+) -> Bound:  # fmt: skip
+    """Theorem 1 (Section 4; proof Appendix D): the bound on (1/Q) sum_q E||grad F(theta_q)||^2
+
+        6 (F(theta_0) - F(theta_Q)) / (eta S Q)                                 optimisation
+      + (54 eta S L^3 w^4/(Q(1-2w^2)) + 18 L^2 w^4/(Q(1-2w^2))) E||theta_0||^2  pruning_init
+      + 9 eta L N sigma_1^2 / (Gamma*)^2                                  sgd_noise_coverage
+      + (9 eta S L/2 + 3/2) sigma_1^2                                              sgd_noise
+      + (9 eta S L/2 + 3/2) sigma_2^2                                          heterogeneity
+
+    (the paper's last term (9 eta S L/2 + 3/2)(sigma_1^2 + sigma_2^2) is split by source).
+    Conditions: eta <= min{1/(27 S L), sqrt(1/(3(8 L^2 S^2 + 16 S^2 L^2 w^2/(1-2w^2))))}
+    (H_1 <= -eta S/6 and H_0 >= 2/3 in Appendix D), w in [0, sqrt(2)/2), Gamma* >= 1.
+    The bound never falls below (3/2)(sigma_1^2 + sigma_2^2), whatever Q.
+    """
+    L, w, s1, s2, N, S, Q, gs, F0, th = _common(
+        L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq
+    )
+    eta = _num("eta", eta, strict=True)
+    FQ = _num("FQ", FQ, minimum=-math.inf)
+    checks = _Checks()
+    eta_step = _div(1.0, 27 * S * L)
+    drift = _drift_sum(L, S, w)
+    eta_drift = 0.0 if math.isinf(drift) else _div(1.0, math.sqrt(3 * drift))
+    checks.need(COND_ETA_STEP, eta <= eta_step, f"eta={_f(eta)} > 1/(27 S L)={_f(eta_step)}")
+    checks.need(
+        COND_ETA_DRIFT,
+        eta <= eta_drift,
+        f"eta={_f(eta)} > sqrt(1/(3(8 L^2 S^2 + 16 S^2 L^2 w^2/(1-2w^2))))={_f(eta_drift)}",
+    )
+    _check_w_gamma(checks, w, gs, N)
+    one_m = 1.0 - 2.0 * w * w
+    var = 9 * eta * S * L / 2 + 1.5
+    terms = {
+        "optimisation": 6 * (F0 - FQ) / (eta * S * Q),
+        "pruning_init": _div((54 * eta * S * L**3 + 18 * L**2) * w**4 * th, Q * one_m),
+        "sgd_noise_coverage": _div(9 * eta * L * N * s1**2, gs**2),
+        "sgd_noise": var * s1**2,
+        "heterogeneity": var * s2**2,
+    }
+    derived = {
+        "eta": eta,
+        "eta_max": min(eta_step, eta_drift),
+        "eta_max_step": eta_step,
+        "eta_max_drift": eta_drift,
+    }
+    return Bound(
+        "Theorem 1: (1/Q) sum_q E||grad F(theta_q)||^2 <=", terms, _T1_FORMULAS,
+        checks.conditions, checks.violations, _loss_notes(F0, FQ), derived,
+    )  # fmt: skip
+
+
+def _loss_notes(F0: float, FQ: float) -> list[str]:
+    if F0 < FQ:
+        return [f"F(theta_0)={_f(F0)} < F(theta_Q)={_f(FQ)}: the optimisation term is negative"]
+    return []
+
+
+def corollary1(
+    *, L: float, w: float, sigma1: float, sigma2: float, N: int, gamma_star: float, S: int,
+    Q: int, F0: float, FQ: float, theta0_sq: float,
+) -> Bound:  # fmt: skip
+    """Corollary 1 (Section 4; proof Appendix E): Theorem 1 at eta = sqrt(Gamma*/(S Q)),
+
+        6 (F(theta_0) - F(theta_Q)) / sqrt(Gamma* S Q)                          optimisation
+      + (2 L^2 w^4/(Q(1-2w^2)) + 18 L^2 w^4/(Q(1-2w^2))) E||theta_0||^2         pruning_init
+      + 9 L N sigma_1^2 / (Gamma* sqrt(Gamma* S Q))                       sgd_noise_coverage
+      + 5/3 sigma_1^2  +  5/3 sigma_2^2                          sgd_noise, heterogeneity
+
+    if Q >= max{729 Gamma* S L^2, Gamma* S, 3 Gamma*(8 S L^2 + 16 S L^2 w^2/(1-2w^2))} and
+    w in [0, sqrt(2)/2). The first and third terms are Theorem 1's with eta substituted;
+    the 2 L^2 w^4 and 5/3 coefficients are not substitutions but Appendix E's upper bound
+    eta <= 1/(27 S L) (54 eta S L^3 <= 2 L^2, 9 eta S L/2 <= 1/6). Printed as in the paper;
+    `derived["theorem1_at_eta"]` is Theorem 1 with eta substituted in every term, which the
+    printed bound dominates whenever the Q conditions hold.
+    """
+    L, w, s1, s2, N, S, Q, gs, F0, th = _common(
+        L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq
+    )
+    FQ = _num("FQ", FQ, minimum=-math.inf)
+    eta = math.sqrt(gs / (S * Q))
+    checks = _Checks()
+    derived = {"eta": eta, **_check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w)}
+    _check_w_gamma(checks, w, gs, N)
+    root = math.sqrt(gs * S * Q)
+    one_m = 1.0 - 2.0 * w * w
+    terms = {
+        "optimisation": _div(6 * (F0 - FQ), root),
+        "pruning_init": _div((2 + 18) * L**2 * w**4 * th, Q * one_m),
+        "sgd_noise_coverage": _div(9 * L * N * s1**2, gs * root),
+        "sgd_noise": 5 / 3 * s1**2,
+        "heterogeneity": 5 / 3 * s2**2,
+    }
+    if eta > 0:
+        derived["theorem1_at_eta"] = theorem1(
+            L=L, w=w, sigma1=s1, sigma2=s2, N=N, gamma_star=gs, S=S, Q=Q, eta=eta,
+            F0=F0, FQ=FQ, theta0_sq=th,
+        ).total  # fmt: skip
+    return Bound(
+        "Corollary 1: (1/Q) sum_q E||grad F(theta_q)||^2 <= (eta = sqrt(Gamma*/(S Q)))",
+        terms, _C1_FORMULAS, checks.conditions, checks.violations, _loss_notes(F0, FQ), derived,
+    )  # fmt: skip
+
+
+def _grid(times, T, delta, K) -> tuple[list[float], float, float, float]:
+    """Validate a (K+1,) grid of forward times T = s_0 > ... > s_K = delta against T, delta, K."""
+    values = times.tolist() if hasattr(times, "tolist") else list(times)
+    if len(values) < 2 or any(isinstance(v, list) for v in values):
+        raise FedscoreError("times must be a 1-D grid of at least 2 forward times (T ... delta)")
+    s = [_num("times", v, strict=True) for v in values]
+    if any(a <= b for a, b in zip(s[:-1], s[1:])):
+        raise FedscoreError("times must be strictly decreasing forward times, T first, delta last")
+    for name, given, actual in (("T", T, s[0]), ("delta", delta, s[-1]), ("K", K, len(s) - 1)):
+        if given is not None and not math.isclose(float(given), actual, rel_tol=1e-9):
+            raise FedscoreError(f"{name}={given!r} disagrees with the grid `times` ({actual:g})")
+    return s, s[0], s[-1], float(len(s) - 1)
+
+
+def corollary2(
+    *, L: float, w: float, sigma1: float, sigma2: float, N: int, gamma_star: float, S: int,
+    Q: int, F0: float, theta0_sq: float, Fn0_minus_F0: float, theta_dist: float, d: int,
+    C: float, T: float | None = None, delta: float | None = None, K: int | None = None,
+    kappa: float | None = None, times: Sequence[float] | None = None,
+) -> Bound:  # fmt: skip
+    """Corollary 2 (Section 4; proof sketch §5.2 and Appendix F, eqs. 15, 18, 21, 41):
+
+      KL(q_{n,delta} || p_{n,t_K}) = O(F(theta_0))                                init_loss
+      + (sqrt(G S Q) L^2 w^4/(3Q(1-2w^2)) + 3 sqrt(G S Q) L^2 w^4/(Q(1-2w^2))) E||theta_0||^2
+                                                                                pruning_init
+      + 3 L N sigma_1^2 / (2 Gamma*)                                      sgd_noise_coverage
+      + 5 sqrt(Gamma* S Q)/18 (sigma_1^2 + sigma_2^2)            sgd_noise, heterogeneity
+      + |F_n(theta_0) - F(theta_0)|                                       local_global_init
+      + sigma_2 ||theta_Q - theta_0||                                    local_global_drift
+      + C (T - delta)                                                               dsm_gap
+      + kappa d T  +  kappa^2 d K                          discretisation_T, discretisation_K
+      + d e^{-2T}                                                       forward_convergence
+
+    with G = Gamma*, O(.) constants 1 (so init_loss = F0; Benton et al. 2024 Theorem 1 also
+    hides universal constants). The first four lines are Corollary 1 times sqrt(G S Q)/6
+    (eq. 15); note the variance line then grows with Q. Conditions: T >= 1, gamma_k <=
+    kappa min(1, T - t_{k+1}) (checked when the grid `times` of forward times is given;
+    kappa defaults to the smallest that holds), and Corollary 1's Q and w conditions.
+    Assumption 4 (Cov(q_{n,0}) = I) is assumed, not checked. C is eq. 21's constant; since
+    the denoising identity (eq. 20) has C_t = E||grad log q_t||^2 - d/(1-e^{-2t}) <= 0 by
+    Jensen, C = 0 is already valid there, though the statement asks for C > 0.
+    """
+    L, w, s1, s2, N, S, Q, gs, F0, th = _common(
+        L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq
+    )
+    gap = abs(_num("Fn0_minus_F0", Fn0_minus_F0, minimum=-math.inf))
+    dist = _num("theta_dist", theta_dist)
+    d = _num("d", d, minimum=1, integer=True)
+    C = _num("C", C)
+    checks = _Checks()
+    notes: list[str] = []
+    derived: dict[str, float] = {}
+    if times is not None:
+        s, T, delta, K = _grid(times, T, delta, K)
+        ratios = [(a - b) / min(1.0, b) for a, b in zip(s[:-1], s[1:])]
+        k_bind = max(range(len(ratios)), key=ratios.__getitem__)
+        derived["kappa_min"] = ratios[k_bind]
+        if kappa is None:
+            kappa = ratios[k_bind]
+            notes.append(f"kappa not given: the grid's smallest valid kappa {_f(kappa)} is used")
+    for name, value in (("T", T), ("delta", delta), ("K", K), ("kappa", kappa)):
+        if value is None:
+            raise FedscoreError(f"{name} is required (or pass the grid `times` to derive it)")
+    T = _num("T", T, strict=True)
+    delta = _num("delta", delta, strict=True)
+    K = _num("K", K, minimum=1, integer=True)
+    kappa = _num("kappa", kappa, strict=True)
+    if delta >= T:
+        raise FedscoreError(f"delta must be smaller than T (got delta={delta:g}, T={T:g})")
+    checks.need(COND_T, T >= 1, f"T={_f(T)} < 1 (Corollary 2 and Benton et al. need T >= 1)")
+    if times is not None:
+        # kappa >= max_k gamma_k / min(1, s_{k+1}) is the grid condition for every k at once.
+        checks.need(
+            COND_GRID,
+            kappa >= derived["kappa_min"],
+            f"gamma_{k_bind}={_f(s[k_bind] - s[k_bind + 1])} > kappa min(1, T - t_{k_bind + 1})"
+            f"={_f(kappa * min(1.0, s[k_bind + 1]))} (kappa={_f(kappa)}; the grid needs "
+            f"kappa >= {_f(derived['kappa_min'])})",
+        )
+    else:
+        notes.append(f"grid not given: `{COND_GRID}` not checked")
+    derived["eta"] = math.sqrt(gs / (S * Q))
+    derived.update(_check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w))
+    _check_w_gamma(checks, w, gs, N)
+    root = math.sqrt(gs * S * Q)
+    one_m = 1.0 - 2.0 * w * w
+    terms = {
+        "init_loss": F0,
+        "pruning_init": _div((1 / 3 + 3) * root * L**2 * w**4 * th, Q * one_m),
+        "sgd_noise_coverage": _div(3 * L * N * s1**2, 2 * gs),
+        "sgd_noise": 5 * root / 18 * s1**2,
+        "heterogeneity": 5 * root / 18 * s2**2,
+        "local_global_init": gap,
+        "local_global_drift": s2 * dist,
+        "dsm_gap": C * (T - delta),
+        "discretisation_T": kappa * d * T,
+        "discretisation_K": kappa**2 * d * K,
+        "forward_convergence": d * math.exp(-2 * T),
+    }
+    derived.update({"T": T, "delta": delta, "K": K, "kappa": kappa})
+    formulas = {**_KL_FORMULAS, "init_loss": "F(theta_0)   [O(F(theta_0)), constant 1]"}
+    return Bound(
+        "Corollary 2: KL(q_{n,delta} || p_{n,t_K}) = O(...)", terms, formulas,
+        checks.conditions, checks.violations, notes, derived,
+    )  # fmt: skip
+
+
+_KL_FORMULAS = {
+    "pruning_init": "(sqrt(Gamma* S Q) L^2 w^4/(3Q(1-2w^2)) "
+    "+ 3 sqrt(Gamma* S Q) L^2 w^4/(Q(1-2w^2))) E||theta_0||^2",
+    "sgd_noise_coverage": "3 L N sigma_1^2 / (2 Gamma*)",
+    "sgd_noise": "5 sqrt(Gamma* S Q)/18 sigma_1^2",
+    "heterogeneity": "5 sqrt(Gamma* S Q)/18 sigma_2^2",
+    "local_global_init": "|F_n(theta_0) - F(theta_0)|",
+    "local_global_drift": "sigma_2 ||theta_Q - theta_0||",
+    "dsm_gap": "C (T - delta)",
+    "discretisation_T": "kappa d T",
+    "discretisation_K": "kappa^2 d K",
+    "forward_convergence": "d e^{-2T}",
+}
+
+
+def _ceil(x: float) -> int:
+    # Round a Theta(.) recommendation up to a count, forgiving float noise (16.000000001).
+    return max(1, math.ceil(x * (1 - 1e-12)))
+
+
+def remark1(
+    *, epsilon: float, d: int, delta: float, gamma_star: float, S: int, C: float = 0.0,
+    T: float | None = None, L: float | None = None, w: float | None = None,
+    theta0_sq: float | None = None, N: int | None = None, sigma1: float = 0.0,
+    sigma2: float = 0.0,
+) -> Bound:  # fmt: skip
+    """Remark 1 (Section 4): Q, T, K, kappa that make Corollary 2's KL bound O(eps^2),
+
+      Q = Gamma* S / eps^4,   T = min{1/2 log(d/eps^2), eps^2/C},
+      K = d (T + log(1/delta))^2 / eps^2,   kappa = (T + log(1/delta)) / K,
+
+    with Theta(.) constants 1, Q and K rounded up (`recommended`). `T` may be given to
+    override the formula (K and kappa follow it). The terms are Remark 1's rewrite of the
+    KL bound at these values: eps^2 (which absorbs O(F(theta_0)) and the local-global
+    terms, as the Remark does), pruning_init (when L, w, theta0_sq are given: then <=
+    (10/3) eps^2 L^2 w^4 E||theta_0||^2/(1-2w^2)), dsm_gap C (T - delta), discretisation_T
+    kappa d T (<= eps^2), discretisation_K kappa^2 d K (<= eps^2), forward_convergence
+    d e^{-2T}; and, if sigma1 or sigma2 is not 0, Corollary 2's variance terms, which grow
+    as 1/eps^2 at this Q: hence the Remark's sigma_1 = sigma_2 = 0.
+
+    The printed Remark writes sqrt(Gamma* S Q L^2 w^4) where Corollary 2, eq. 15 and eq. 37
+    all have sqrt(Gamma* S Q) L^2 w^4; the corollary's form is used and the printed one is
+    given in `derived["pruning_init_remark_as_printed"]`.
+
+    d e^{-2T} <= eps^2 needs T >= 1/2 log(d/eps^2) while C (T - delta) <= eps^2 needs
+    T <= eps^2/C + delta, so the min makes both hold only when 1/2 log(d/eps^2) <=
+    eps^2/C; otherwise `d e^{-2T} <= eps^2` is reported violated, as is `T >= 1` (which
+    Corollary 2 needs) when the min falls below 1. C = 0 (valid: see `corollary2`) gives
+    T = 1/2 log(d/eps^2).
+    """
+    eps = _num("epsilon", epsilon, strict=True)
+    d = _num("d", d, minimum=1, integer=True)
+    delta = _num("delta", delta, strict=True)
+    gs = _num("gamma_star", gamma_star)
+    S = _num("S", S, minimum=1, integer=True)
+    C = _num("C", C)
+    s1, s2 = _num("sigma1", sigma1), _num("sigma2", sigma2)
+    opt = {"L": L, "w": w, "theta0_sq": theta0_sq}
+    L, w, th = (None if v is None else _num(k, v) for k, v in opt.items())
+    N = None if N is None else _num("N", N, minimum=1, integer=True)
+    eps2 = eps * eps
+    t_forward = 0.5 * math.log(d / eps2)  # d e^{-2T} = eps^2
+    t_dsm = eps2 / C if C > 0 else math.inf  # C T = eps^2
+    notes = ["Theta(.) constants are 1; Q and K are rounded up"]
+    if T is None:
+        if eps2 >= d:
+            raise FedscoreError(
+                f"epsilon^2={eps2:g} >= d={d:g}: T = 1/2 log(d/epsilon^2) would be <= 0; "
+                "choose epsilon < sqrt(d) or pass T"
+            )
+        T = min(t_forward, t_dsm)
+        if t_dsm < t_forward:
+            notes.append(
+                f"the min picks T = eps^2/C={_f(t_dsm)} < 1/2 log(d/eps^2)={_f(t_forward)}: "
+                "then d e^{-2T} > eps^2 (no T keeps both terms below eps^2)"
+            )
+    else:
+        T = _num("T", T, strict=True)
+        if T <= delta:
+            raise FedscoreError(f"T must be larger than delta (got T={T:g}, delta={delta:g})")
+    log_d = math.log(1.0 / delta)
+    Q = float(_ceil(gs * S / eps2**2))
+    K = float(_ceil(d * (T + log_d) ** 2 / eps2))
+    kappa = (T + log_d) / K
+    checks = _Checks()
+    checks.need(COND_T, T >= 1, f"T={_f(T)} < 1 (Corollary 2 needs T >= 1)")
+    checks.need(COND_DELTA, delta < 1, f"delta={_f(delta)} >= 1")
+    checks.need(COND_T_DELTA, T > delta, f"T={_f(T)} <= delta={_f(delta)}")
+    checks.need(COND_K, K >= log_d, f"K={_f(K)} < log(1/delta)={_f(log_d)}")
+    # Compared through T, the form in which the condition is exact at its threshold.
+    checks.need(
+        COND_FORWARD,
+        T >= t_forward,
+        f"d e^(-2T)={_f(d * math.exp(-2 * T))} > eps^2={_f(eps2)} "
+        f"(T={_f(T)} < 1/2 log(d/eps^2)={_f(t_forward)})",
+    )
+    dsm = C * (T - delta)
+    checks.need(COND_DSM, dsm <= eps2, f"C (T - delta)={_f(dsm)} > eps^2={_f(eps2)}")
+    checks.need(
+        COND_SIGMA,
+        s1 == 0 and s2 == 0,
+        f"sigma1={_f(s1)}, sigma2={_f(s2)}: Remark 1 assumes both 0; the variance terms "
+        "5 sqrt(Gamma* S Q)/18 sigma^2 grow as 1/eps^2 at its Q",
+    )
+    derived = {"T_forward": t_forward, "T_dsm": t_dsm}
+    terms = {"epsilon_sq": eps2}
+    formulas = {"epsilon_sq": "eps^2   [absorbs O(F(theta_0)) and the local-global terms]"}
+    root = math.sqrt(gs * S * Q)
+    if L is not None and w is not None:
+        derived.update(_check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w))
+        _check_w_gamma(checks, w, gs, N)
+        if th is not None:
+            one_m = 1.0 - 2.0 * w * w
+            terms["pruning_init"] = _div((1 / 3 + 3) * root * L**2 * w**4 * th, Q * one_m)
+            derived["pruning_init_remark_as_printed"] = _div(
+                (1 / 3 + 3) * math.sqrt(root**2 * L**2 * w**4) * th, Q * one_m
+            )
+    else:
+        checks.need(COND_Q_GS, Q >= gs * S, f"Q={_f(Q)} < Gamma* S={_f(gs * S)}")
+        _check_w_gamma(checks, None, gs, N)
+    if "pruning_init" not in terms:
+        notes.append("L, w and theta0_sq not all given: the pruning term is not evaluated")
+    if s1 > 0:
+        if L is None or N is None:
+            raise FedscoreError("L and N are needed when sigma1 > 0 (term 3 L N sigma_1^2/(2G))")
+        terms["sgd_noise_coverage"] = _div(3 * L * N * s1**2, 2 * gs)
+        terms["sgd_noise"] = 5 * root / 18 * s1**2
+    if s2 > 0:
+        terms["heterogeneity"] = 5 * root / 18 * s2**2
+    terms.update(
+        {
+            "dsm_gap": dsm,
+            "discretisation_T": kappa * d * T,
+            "discretisation_K": kappa**2 * d * K,
+            "forward_convergence": d * math.exp(-2 * T),
+        }
+    )
+    formulas.update({k: v for k, v in _KL_FORMULAS.items() if k in terms})
+    return Bound(
+        f"Remark 1: KL(q_{{n,delta}} || p_{{n,t_K}}) = O(eps^2) for eps={_f(eps)}", terms,
+        formulas, checks.conditions, checks.violations, notes, derived,
+        {"Q": int(Q), "T": T, "K": int(K), "kappa": kappa},
+    )  # fmt: skip
