@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fedscore import diffusion, toy
+from fedscore.metrics.toy import mmd2_rbf, score_error
 from fedscore.runs.config import load_config
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import loss_curves, scatter_vs_truth
@@ -48,7 +49,8 @@ def run_demo(out: Path, *, quick: bool = False) -> Path:
     samples = sample_model(model, cfg, cfg.sample.n, seed=cfg.seed, sample_shape=(2,))
     truth = gm.sample(cfg.sample.n, generator=torch.Generator().manual_seed(1))
     times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
-    err = score_error(model_score_fn(model, cfg), gm, times)
+    err = score_error(model_score_fn(model, cfg), gm, times, n=2000,
+                      generator=torch.Generator().manual_seed(0))
     mmd = mmd2_rbf(samples, truth)
 
     scatter = scatter_vs_truth(samples, truth, folder.path / "samples.png",
@@ -72,30 +74,3 @@ def run_demo(out: Path, *, quick: bool = False) -> Path:
     )
     return report
 
-
-def score_error(score_fn, gm, times, n: int = 2000, seed: int = 0) -> float:
-    """sum_k gamma_k E_{x ~ q_{s_k}} ||s(x, s_k) - grad log q_{s_k}(x)||^2 (the paper's
-    epsilon_score^2) on the grid `times`, Monte Carlo over n fresh samples per grid point."""
-    g = torch.Generator().manual_seed(seed)
-    gammas = diffusion.step_sizes(times)
-    total = 0.0
-    with torch.no_grad():
-        for k in range(len(gammas)):
-            s = float(times[k])
-            x0 = gm.sample(n, generator=g)
-            xt = diffusion.perturb(x0, s, torch.randn(x0.shape, generator=g))
-            t = torch.full((n,), s)
-            total += float(gammas[k]) * float((score_fn(xt, t) - gm.score(xt, t))
-                                              .pow(2).sum(1).mean())
-    return total
-
-
-def mmd2_rbf(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Unbiased squared MMD with an RBF kernel at the median bandwidth."""
-    z = torch.cat([x, y]).double()
-    d2 = torch.cdist(z, z) ** 2
-    k = torch.exp(-d2 / d2[d2 > 0].median())
-    n, m = len(x), len(y)
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    return float((kxx.sum() - kxx.diag().sum()) / (n * (n - 1))
-                 + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1)) - 2 * kxy.mean())

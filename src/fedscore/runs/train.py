@@ -177,7 +177,30 @@ def train_central(
     )
     eq9 = folder.metrics()[-1].get("eq9_heldout", float("nan")) if folder.metrics() else float(
         "nan")
+    if images.ndim == 4:
+        write_sample_grid(cfg, model, final, folder.path / "samples.png",
+                          sample_shape=tuple(images.shape[1:]), num_classes=num_classes,
+                          progress=progress)
     return TrainResult(folder, model, ema, loss_value, eq9, time.perf_counter() - t0)
+
+
+def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tensor], path: Path,
+                      *, sample_shape: tuple[int, ...], num_classes: int, n_per_class: int = 10,
+                      progress: bool = False):
+    """A grid of samples from `weights` (one row per class when conditional) at `path`."""
+    from fedscore.runs.plots import image_grid
+    from fedscore.runs.sampling import sample_model
+
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    model.load_state_dict(weights, strict=False)
+    model.eval()
+    n = n_per_class * num_classes
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    images = sample_model(model, cfg, n, seed=cfg.seed, labels=labels,
+                          sample_shape=sample_shape, progress=progress)
+    model.load_state_dict(params, strict=False)
+    model.train()
+    return image_grid(images, path, nrow=n_per_class, title=f"{cfg.name}: samples by class")
 
 
 def _final_weights(model: nn.Module, ema: dict[str, Tensor] | None) -> dict[str, Tensor]:
