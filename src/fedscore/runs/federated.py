@@ -1,0 +1,217 @@
+"""Federated training runs on the in-process engine (SPEC §2): the round loop, in one place.
+
+Per round q: masks from the policy (eq. 7's m_{q,n}), every worker's S local steps on its
+own partition (one vectorised call per step, or a copy-free loop, chosen by the engine),
+eq. 8's coordinate-wise aggregation, then the round's record in metrics.jsonl and an atomic
+checkpoint. All randomness comes from generators seeded by (run seed, round, worker), so a
+resumed run redraws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from fedscore import data as datasets
+from fedscore import diffusion, federated
+from fedscore.errors import FedscoreError
+from fedscore.federated.seeding import DATA, MASKS, seed_for
+from fedscore.runs import checkpoint as ckpt
+from fedscore.runs.config import FederationConfig, RunConfig
+from fedscore.runs.folder import RunFolder
+from fedscore.runs.train import DivergenceError, build_model_for, eval_eq9, held_out_batch
+
+
+@dataclass
+class FederatedResult:
+    folder: RunFolder
+    model: nn.Module
+    params: dict[str, Tensor]
+    gamma_star: int
+    final_loss: float
+    eq9: float
+
+
+def keep_ratios(fed: FederationConfig) -> list[float]:
+    if fed.keep_ratios is not None:
+        return list(fed.keep_ratios)
+    return federated.level_ratios(fed.level, n_workers=fed.workers)
+
+
+def local_steps(fed: FederationConfig, sizes: list[int]) -> int:
+    """S: the configured steps, or local epochs over the largest worker's data."""
+    if fed.local_epochs is None:
+        return fed.local_steps
+    return max(1, math.ceil(fed.local_epochs * max(sizes) / fed.batch_size))
+
+
+def make_loss(model: nn.Module, cfg: RunConfig, total_time: float):
+    """loss(params, batch) for the engine; batch = (x0, y, t, eps) of one worker and step."""
+    weighting = cfg.diffusion.weighting
+    parameterisation = cfg.diffusion.parameterisation
+    conditional = cfg.model.conditional
+
+    def loss(params: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
+        x0, y, t, eps = batch
+
+        def net(x: Tensor, tt: Tensor) -> Tensor:
+            return functional_call(model, params, (x, tt, y if conditional else None))
+
+        return diffusion.dsm_loss(net, x0, t, eps, weighting=weighting,
+                                  parameterisation=parameterisation, total_time=total_time)
+
+    return loss
+
+
+def draw_batches(
+    images: Tensor, labels: Tensor, parts: list[Tensor], steps: int, batch: int,
+    times: Tensor, weighting: str, run_seed: int, round_: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every worker's S mini-batches and their DSM noise, stacked (N, S, B, ...)."""
+    xs, ys, ts, es = [], [], [], []
+    for n, idx in enumerate(parts):
+        g = torch.Generator().manual_seed(seed_for(run_seed, round_, n, DATA))
+        pick = idx[torch.randint(len(idx), (steps, batch), generator=g)]
+        x0 = images[pick]  # (S, B, ...)
+        t, eps = diffusion.draw_noise(x0.flatten(0, 1), times, weighting, g)
+        xs.append(x0)
+        ys.append(labels[pick])
+        ts.append(t.reshape(steps, batch))
+        es.append(eps.reshape(x0.shape))
+    return torch.stack(xs), torch.stack(ys), torch.stack(ts), torch.stack(es)
+
+
+def train_federated(
+    cfg: RunConfig, *, resume: bool = False, progress: bool = True, folder: RunFolder | None = None
+) -> FederatedResult:
+    """Run cfg.federation's rounds; returns the final global model."""
+    fed = cfg.federation
+    if not isinstance(fed, FederationConfig):
+        raise FedscoreError("this config has `federation: none`; use centralised training")
+    folder = folder or RunFolder.open(cfg, resume=resume)
+    images, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
+                                   download=cfg.data.download)
+    parts_np = datasets.partition(
+        labels.numpy(), fed.partition.scheme, n_workers=fed.workers, seed=cfg.seed,
+        **_partition_kwargs(fed),
+    )
+    parts = [torch.as_tensor(p, dtype=torch.long) for p in parts_np]
+    if not resume:
+        datasets.plot_partition(labels.numpy(), parts_np, folder.path / "partition.png")
+        folder.write_json("partition.json", {
+            "sizes": [len(p) for p in parts_np],
+            "class_histogram": datasets.class_histogram(labels.numpy(), parts_np).tolist(),
+        })
+    model = build_model_for(cfg.model, tuple(images.shape[1:]), int(labels.max()) + 1,
+                            seed=cfg.seed)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ratios = keep_ratios(fed)
+    times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
+    loss_fn = make_loss(model, cfg, float(times[0] - times[-1]))
+    steps = local_steps(fed, [len(p) for p in parts])
+    eval_x, eval_y = held_out_batch(cfg, cfg.train.eval_batch)
+
+    opt_state = None
+    start, gamma_star = 0, None
+    if resume:
+        tensors, state = ckpt.load_checkpoint(folder.checkpoint)
+        saved = ckpt.unprefixed("model", tensors)
+        if set(saved) != set(params) or any(saved[k].shape != v.shape
+                                             for k, v in params.items()):
+            raise FedscoreError(
+                f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model"
+            )
+        params = {k: saved[k] for k in params}  # the model's own order
+        opt_tensors = ckpt.unprefixed("opt", tensors)
+        opt_state = _unflatten_opt(opt_tensors) if opt_tensors else None
+        start, gamma_star = int(state["round"]), state["gamma_star"]
+        folder.truncate_metrics("round", start)
+
+    bar = tqdm(range(start, fed.rounds), initial=start, total=fed.rounds, disable=not progress,
+               desc=f"federated {cfg.name}")
+    loss_value, eq9 = float("nan"), float("nan")
+    for q in bar:
+        t0 = time.perf_counter()
+        gens = [torch.Generator().manual_seed(seed_for(cfg.seed, q, n, MASKS))
+                for n in range(fed.workers)]
+        masks = federated.build_masks(params, fed.policy, ratios, gens)
+        x0, y, t, eps = draw_batches(images, labels, parts, steps, fed.batch_size, times,
+                                     cfg.diffusion.weighting, cfg.seed, q)
+        if fed.adam_state == "reset":
+            opt_state = None
+        new_params, _, stats, opt_state, worker_losses = federated.run_round(
+            params, masks, (x0, y, t, eps), loss_fn, lr=fed.lr, steps=steps,
+            optimizer=fed.optimizer, opt_state=opt_state, strategy=fed.strategy,
+            uncovered=fed.uncovered,
+        )
+        per_worker = worker_losses.mean(dim=1)  # (N,)
+        bad = [n for n in range(fed.workers) if not math.isfinite(float(per_worker[n]))]
+        if bad or not all(torch.isfinite(v).all() for v in new_params.values()):
+            raise DivergenceError(
+                f"federated training diverged in round {q + 1}: worker(s) {bad or 'all'} "
+                f"produced a non-finite loss or parameters. The last good checkpoint is kept "
+                f"in {str(folder.checkpoint)!r}; lower federation.lr (now {fed.lr}) and resume"
+            )
+        params = new_params
+        gamma_star = stats["min_coverage"] if gamma_star is None else min(
+            gamma_star, stats["min_coverage"])
+        model.load_state_dict(params, strict=False)
+        eq9 = eval_eq9(cfg, model, eval_x, eval_y, times)
+        loss_value = float(per_worker.mean())
+        seconds = time.perf_counter() - t0
+        record = {"round": q + 1, "loss": loss_value, "worker_loss": per_worker.tolist(),
+                  "eq9_heldout": eq9, "gamma_star": gamma_star, "seconds": seconds,
+                  "samples_per_s": fed.workers * steps * fed.batch_size / seconds,
+                  **{k: v for k, v in stats.items()}}
+        folder.log(record)
+        tensors = ckpt.prefixed("model", params)
+        if opt_state is not None and fed.adam_state == "keep":
+            tensors |= ckpt.prefixed("opt", _flatten_opt(opt_state))
+        ckpt.save_checkpoint(folder.checkpoint, tensors,
+                             {"round": q + 1, "gamma_star": gamma_star})
+        bar.set_postfix(loss=f"{loss_value:.4f}", gamma=gamma_star,
+                        samples_s=f"{record['samples_per_s']:.0f}")
+    ckpt.atomic_write(folder.path / "model.safetensors",
+                      lambda tmp: _save_weights(params, tmp))
+    return FederatedResult(folder, model, params, int(gamma_star or 0), loss_value, eq9)
+
+
+def _partition_kwargs(fed: FederationConfig) -> dict:
+    if fed.partition.scheme == "dirichlet":
+        return {"alpha": fed.partition.alpha}
+    if fed.partition.scheme == "shards":
+        return {"classes_per_worker": fed.partition.classes_per_worker}
+    return {}
+
+
+def _flatten_opt(state) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out |= {f"{key}/{k}": v for k, v in value.items()}
+        else:
+            out[key] = torch.as_tensor(value)
+    return out
+
+
+def _unflatten_opt(tensors: dict[str, Tensor]):
+    state: dict = {}
+    for key, value in tensors.items():
+        if "/" in key:
+            head, tail = key.split("/", 1)
+            state.setdefault(head, {})[tail] = value
+        else:
+            state[key] = value
+    return state
+
+
+def _save_weights(weights: dict[str, Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, path)
