@@ -70,6 +70,28 @@ def train(
     typer.echo(f"run folder: {result.folder.path}")
 
 
+reproduce_app = typer.Typer(help="Reproduce the papers' experiments on bundled data.",
+                            no_args_is_help=True)
+app.add_typer(reproduce_app, name="reproduce")
+
+
+@reproduce_app.command("pruning")
+def reproduce_pruning(
+    dataset: Annotated[str, typer.Option(help="Dataset (bundled: mnist5k, digits).")] = "mnist5k",
+    out: Annotated[Path, typer.Option(help="Folder of the eight runs and the report.")] = Path(
+        "runs/pruning"),
+    budget: Annotated[str, typer.Option(help="cpu (~10 min) or quick (seconds).")] = "cpu",
+    seed: int = 0,
+) -> None:
+    """The pruning paper's experiment: {Random, Top-k} x levels {F, L, M, S}."""
+    from fedscore.runs.pruning import BUDGETS, reproduce_pruning
+
+    if budget not in BUDGETS:
+        raise FedscoreError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
+    report = reproduce_pruning(dataset, out, budget=budget, seed=seed)
+    typer.echo(f"report: {report}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder of the demo.")] = Path(
