@@ -66,8 +66,9 @@ def run_config(dataset: str, policy: str, level: str, out: Path, budget: Budget,
                    "weighting": "eps", "parameterisation": "eps"},
         train={"eval_batch": 32},
         sample={"method": "ancestral", "steps": budget.sample_steps},
-        federation={"workers": budget.workers, "rounds": budget.rounds, "local_steps": budget.local_steps,
-                    "batch_size": budget.batch_size, "lr": 2e-3, "optimizer": "adam",
+        federation={"workers": budget.workers, "rounds": budget.rounds,
+                    "local_steps": budget.local_steps, "batch_size": budget.batch_size,
+                    "lr": 2e-3, "optimizer": "adam",
                     "policy": POLICIES[policy], "level": level,
                     "partition": {"scheme": "iid"}},
     )
@@ -162,8 +163,9 @@ def _report(rows, plot: Path, dataset: str, b: Budget, seconds: float) -> str:
     )
     return (
         f"# Federated training with arbitrary pruning — {dataset}\n\n"
-        f"{b.workers} workers (iid), tiny U-Net, Adam lr 2e-3, {b.rounds} rounds x {b.local_steps} local"
-        f" steps of batch {b.batch_size} (the paper: Q = 300 rounds on a GPU; this budget is "
+        f"{b.workers} workers (iid), tiny U-Net, Adam lr 2e-3, {b.rounds} rounds x "
+        f"{b.local_steps} local steps of batch {b.batch_size} (the paper: Q = 300 rounds on a "
+        f"GPU; this budget is "
         f"what fits a 2-core CPU, so absolute quality is low and the comparison is between "
         f"levels at equal budget). {b.samples_per_class * 10} samples per run "
         f"({b.sample_steps} ancestral steps). Wall time {seconds / 60:.1f} min.\n\n"
