@@ -9,6 +9,7 @@ import torch
 from fedscore import diffusion, toy
 from fedscore.diffusion import samplers
 from fedscore.errors import FedscoreError
+from fedscore.metrics.toy import mmd2_rbf
 from fedscore.toy.exact import sampler_kl
 
 N = 1500
@@ -19,17 +20,8 @@ SPREAD_TOL = 0.3
 
 
 def mmd2(x, y):
-    """Unbiased squared MMD, RBF kernel with the median bandwidth of the pooled sample."""
-    z = torch.cat([x, y]).double()
-    d2 = torch.cdist(z, z) ** 2
-    k = torch.exp(-d2 / d2[d2 > 0].median())
-    n = len(x)
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    return float(
-        (kxx.sum() - kxx.diag().sum()) / (n * (n - 1))
-        + (kyy.sum() - kyy.diag().sum()) / (n * (n - 1))
-        - 2 * kxy.mean()
-    )
+    """Unbiased squared MMD, RBF kernel, median bandwidth (fedscore.metrics)."""
+    return mmd2_rbf(x, y)
 
 
 @pytest.fixture(scope="module")

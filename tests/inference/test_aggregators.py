@@ -8,6 +8,7 @@ import torch
 
 from fedscore import diffusion, inference, toy
 from fedscore.errors import FedscoreError
+from fedscore.metrics.toy import mmd2_rbf
 
 GM = toy.preset("two-clients")  # client 0: components 0-1 (x = -3, pi 0.6); client 1: x = +3
 A, B = GM.components([0, 1]), GM.components([2, 3])
@@ -22,13 +23,8 @@ def sample(score_fn, steps=100, method="exp-integrator", seed=0, n=N):
 
 
 def mmd2(x, y):
-    z = torch.cat([x, y]).double()
-    d2 = torch.cdist(z, z) ** 2
-    k = torch.exp(-d2 / d2[d2 > 0].median())
-    n = len(x)
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    return float((kxx.sum() - kxx.diag().sum()) / (n * (n - 1))
-                 + (kyy.sum() - kyy.diag().sum()) / (n * (n - 1)) - 2 * kxy.mean())
+    """Unbiased squared MMD, RBF kernel, median bandwidth (fedscore.metrics)."""
+    return mmd2_rbf(x, y)
 
 
 def test_mixture_aggregator_samples_the_pooled_mixture():
