@@ -102,14 +102,19 @@ def eval_eq9(cfg: RunConfig, model: nn.Module, x0: Tensor, y: Tensor, times: Ten
 
 
 def train_central(
-    cfg: RunConfig, *, resume: bool = False, progress: bool = True, folder: RunFolder | None = None
+    cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+    folder: RunFolder | None = None, indices=None,
 ) -> TrainResult:
-    """Train one score model on the whole training split; returns the trained model."""
+    """Train one score model on the training split (or the subset `indices` of it, e.g. one
+    agent's partition); returns the trained model."""
     folder = folder or RunFolder.open(cfg, resume=resume)
     images, labels = datasets.load(
         cfg.data.name, split="train", data_root=cfg.data.data_root, download=cfg.data.download
     )
-    num_classes = int(labels.max()) + 1
+    num_classes = int(labels.max()) + 1  # of the whole dataset, so agents share label spaces
+    if indices is not None:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        images, labels = images[idx], labels[idx]
     model = build_model_for(cfg.model, tuple(images.shape[1:]), num_classes, seed=cfg.seed)
     opt = make_optimizer(cfg, model)
     times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
