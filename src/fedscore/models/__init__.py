@@ -14,7 +14,24 @@ def _unet(size: str = "tiny", **kwargs) -> nn.Module:
     return unet_preset(size, **kwargs)
 
 
-MODELS = {"mlp": ScoreMLP, "unet": _unet}
+def _diffusers(size: str | None = None, in_channels: int = 1, image_size: int = 28,
+               num_classes: int | None = None, **config) -> nn.Module:
+    from fedscore.models.diffusers_adapter import diffusers_unet
+
+    config = {"sample_size": image_size, "in_channels": in_channels,
+              "out_channels": in_channels, **config}
+    return diffusers_unet(num_classes=num_classes, **config)
+
+
+def _fi_paper(size: str | None = None, in_channels: int = 1, image_size: int = 28,
+              num_classes: int | None = 10, **overrides) -> nn.Module:
+    from fedscore.models.diffusers_adapter import fi_paper_unet
+
+    return fi_paper_unet(num_classes=num_classes, sample_size=image_size,
+                         in_channels=in_channels, out_channels=in_channels, **overrides)
+
+
+MODELS = {"mlp": ScoreMLP, "unet": _unet, "diffusers-unet": _diffusers, "fi-paper": _fi_paper}
 
 
 def build_model(kind: str, **kwargs) -> nn.Module:
