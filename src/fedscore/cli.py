@@ -70,6 +70,69 @@ def train(
     typer.echo(f"run folder: {result.folder.path}")
 
 
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 1000,
+    seed: int = 0,
+    out: Annotated[Path | None, typer.Option(help="Folder for the outputs.")] = None,
+) -> None:
+    """Sample a trained run: samples.npz and a grid (images) or scatter (toys)."""
+    from fedscore.runs.evaluate import sample_run
+
+    paths = sample_run(run_dir, n, seed=seed, out=out)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    samples: Annotated[Path | None, typer.Option(help="samples.npz to score.")] = None,
+    n: Annotated[int, typer.Option(help="Samples to draw when there are none.")] = 1000,
+    seed: int = 0,
+    inception_weights: Annotated[Path | None, typer.Option(
+        help="Local Inception-v3 weights (pytorch-fid's file) for Inception FID/IS.")] = None,
+) -> None:
+    """Score a run's samples (FID, KID, IS, precision/recall, or exact toy metrics)."""
+    import json
+
+    from fedscore.runs.evaluate import evaluate_run
+
+    scores = evaluate_run(run_dir, samples=samples, n=n, seed=seed,
+                          inception_weights=inception_weights)
+    typer.echo(json.dumps(scores, indent=2, default=str))
+    typer.echo(f"eval.json: {Path(run_dir) / 'eval.json'}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run folders.")],
+    out: Annotated[Path, typer.Option(help="Folder of report.md.")] = Path("runs/report"),
+) -> None:
+    """One report.md comparing runs: scores, loss curves, pruning statistics, samples."""
+    from fedscore.runs.report import report_runs
+
+    typer.echo(f"report: {report_runs(run_dirs, out)}")
+
+
+features_app = typer.Typer(help="Domain feature extractors for FID/IS.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("train")
+def features_train(
+    dataset: Annotated[str, typer.Option(help="Dataset whose classifier to train.")] = "mnist5k",
+) -> None:
+    """Train (or load from the cache) the dataset's feature classifier; print its accuracy."""
+    from fedscore.metrics import get_extractor
+
+    extractor = get_extractor(dataset)
+    state = "meets" if extractor.meets_floor else "is BELOW"
+    typer.echo(f"{dataset}: held-out accuracy {extractor.test_accuracy:.4f} "
+               f"({state} the floor {extractor.floor})")
+
+
 reproduce_app = typer.Typer(help="Reproduce the papers' experiments on bundled data.",
                             no_args_is_help=True)
 app.add_typer(reproduce_app, name="reproduce")

@@ -99,7 +99,7 @@ def train_federated(
                                    download=cfg.data.download)
     parts_np = datasets.partition(
         labels.numpy(), fed.partition.scheme, n_workers=fed.workers, seed=cfg.seed,
-        **_partition_kwargs(fed),
+        **partition_kwargs(fed),
     )
     parts = [torch.as_tensor(p, dtype=torch.long) for p in parts_np]
     if not resume:
@@ -182,7 +182,7 @@ def train_federated(
     return FederatedResult(folder, model, params, int(gamma_star or 0), loss_value, eq9)
 
 
-def _partition_kwargs(fed: FederationConfig) -> dict:
+def partition_kwargs(fed: FederationConfig) -> dict:
     if fed.partition.scheme == "dirichlet":
         return {"alpha": fed.partition.alpha}
     if fed.partition.scheme == "shards":

@@ -1,0 +1,396 @@
+"""Sampling and evaluating a run folder: `fedscore sample` and `fedscore evaluate`.
+
+`sample_run` draws n samples from the run's trained model with the run's sampler settings
+and writes `samples.npz` (and a picture) into the folder. `evaluate_run` measures those
+samples and writes `eval.json`:
+
+- image data: FID against the training split, KID, IS +- std, precision/recall, and, from
+  the domain classifier's logits, the class accuracy of class-conditional samples and the
+  unrecognisable fraction (FI paper, Table 1); optionally Inception-v3 FID/IS from a local
+  weights file;
+- Gaussian mixtures: MMD^2, sliced W_2 and component-frequency error against exact samples,
+  the KL estimate against the exact density, and the model's exact score error
+  epsilon_score^2 on its training grid (the quantity Corollary 2 assumes small).
+
+Federated evaluation (DESIGN principle 5): for a run whose config has a `federation`
+section, the real-data statistics are computed per silo — the run's own partition of the
+training split — as sums (n, sum f, sum f f^T) and merged by addition, so FID against the
+union of the silos' data needs no silo to share an image or a feature vector. KID and
+precision/recall need real features themselves (not mergeable sums) and use the pooled
+training split; eval.json says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedscore import data as datasets
+from fedscore.errors import FedscoreError
+from fedscore.metrics.stats import FeatureStats
+from fedscore.runs.checkpoint import atomic_write, atomic_write_text
+from fedscore.runs.config import FederationConfig, RunConfig, load_config
+
+SAMPLES = "samples.npz"
+FIGURE = "samples.png"
+EVAL = "eval.json"
+GRID_ROWS = 10  # samples per class shown in a grid
+SCORE_ERROR_N = 1000  # Monte-Carlo draws per grid time for epsilon_score^2
+
+
+def _is_toy(cfg: RunConfig) -> bool:
+    return cfg.data.name.startswith("gmm:")
+
+
+def _mixture(cfg: RunConfig):
+    from fedscore import toy
+
+    return toy.preset(cfg.data.name.partition(":")[2])
+
+
+def read_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The resolved config of a run folder; a folder without one is a FedscoreError."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FedscoreError(
+            f"{str(run_dir)!r} is not a run folder (no config.yaml); pass the folder that "
+            "`fedscore train` wrote"
+        )
+    return load_config(path)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_run(
+    run_dir: str | os.PathLike,
+    n: int = 1000,
+    *,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Draw n samples from a run's trained model (EMA weights when kept) and write
+    `samples.npz` (`samples` (n, *shape) float32; `labels` (n,) int64 for class-conditional
+    models, whose labels cycle 0..C-1, so each class gets n // C or n // C + 1) and
+    `samples.png` (an image grid, one column per class when conditional; for Gaussian
+    mixtures a scatter beside n exact samples) into `out` (default: the run folder).
+
+    Returns {"samples": npz path, "figure": png path}."""
+    from fedscore.runs.plots import image_grid, scatter_vs_truth
+    from fedscore.runs.sampling import sample_model
+    from fedscore.runs.train import load_model
+
+    if not isinstance(n, int) or n < 1:
+        raise FedscoreError(f"n (number of samples) must be a positive integer, got {n!r}")
+    model, cfg = load_model(Path(run_dir))
+    info = datasets.info(cfg.data.name)
+    labels = torch.arange(n) % info.classes if cfg.model.conditional else None
+    samples = sample_model(model, cfg, n, seed=seed, labels=labels,
+                           sample_shape=tuple(info.shape), progress=progress)
+    folder = Path(out) if out is not None else Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"samples": samples.detach().cpu().numpy().astype(np.float32),
+              "seed": np.int64(seed)}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file handle: np.savez would append ".npz" to a name
+            np.savez(fh, **arrays)
+
+    npz = folder / SAMPLES
+    atomic_write(npz, write)
+    figure = folder / FIGURE
+    if _is_toy(cfg):
+        exact = _mixture(cfg).sample(n, generator=torch.Generator().manual_seed(seed + 1))
+        scatter_vs_truth(samples, exact, figure, title=f"{cfg.name}: {n} samples")
+    else:
+        ncol = info.classes if labels is not None else 10
+        shown = samples[: min(n, GRID_ROWS * ncol)]
+        title = f"{cfg.name}: samples" + (" (one column per class)" if labels is not None else "")
+        image_grid(shown, figure, nrow=ncol, title=title)
+    return {"samples": npz, "figure": figure}
+
+
+def load_samples(path: str | os.PathLike, sample_shape: tuple[int, ...]
+                 ) -> tuple[Tensor, Tensor | None]:
+    """(samples (n, *sample_shape) float32, labels (n,) int64 or None) from a samples.npz;
+    a missing, empty, unreadable or mis-shaped file is a FedscoreError."""
+    path = Path(path)
+    want = f"(n, {', '.join(map(str, sample_shape))})"
+    if not path.is_file():
+        raise FedscoreError(f"samples file {str(path)!r} does not exist; run `fedscore sample`")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:  # empty or truncated zip, pickled objects, not an npz at all
+        raise FedscoreError(
+            f"samples file {str(path)!r} is not a readable .npz ({type(err).__name__}: {err}); "
+            "write it again with `fedscore sample`"
+        ) from None
+    if "samples" not in arrays:
+        raise FedscoreError(
+            f"samples file {str(path)!r} has no array 'samples' (it has {sorted(arrays)}); "
+            f"expected 'samples' of shape {want} and optionally 'labels' (n,)"
+        )
+    x = arrays["samples"]
+    if x.ndim != 1 + len(sample_shape) or tuple(x.shape[1:]) != tuple(sample_shape):
+        raise FedscoreError(
+            f"samples in {str(path)!r} have shape {x.shape}, expected {want} for this run's data"
+        )
+    if x.shape[0] < 2:
+        raise FedscoreError(
+            f"samples file {str(path)!r} holds {x.shape[0]} samples; evaluation needs at least "
+            "2 (use `fedscore sample --n 1000`)"
+        )
+    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+        raise FedscoreError(f"samples in {str(path)!r} must be finite floats (dtype {x.dtype})")
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise FedscoreError(
+                f"labels in {str(path)!r} must be integers of shape ({x.shape[0]},), got "
+                f"{labels.dtype} {labels.shape}"
+            )
+        labels = torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(x.astype(np.float32)), labels
+
+
+# ---------------------------------------------------------------- federated real statistics
+
+
+def silo_parts(cfg: RunConfig, labels: Tensor) -> list[np.ndarray] | None:
+    """The run's worker partition of the training split (the silos), or None when the run
+    is centralised. The same call as federated training makes, so the silos are the same."""
+    fed = cfg.federation
+    if not isinstance(fed, FederationConfig):
+        return None
+    from fedscore.runs.federated import partition_kwargs
+
+    return datasets.partition(labels.numpy(), fed.partition.scheme, n_workers=fed.workers,
+                              seed=cfg.seed, **partition_kwargs(fed))
+
+
+def merged_stats(stats_of, images: Tensor, parts: list[np.ndarray]) -> FeatureStats:
+    """Sum over silos of stats_of(images[silo]): the statistics of the union of the silos'
+    data, each silo sending only its (n, sum f, sum f f^T). stats_of: images -> FeatureStats."""
+    total = None
+    for idx in parts:
+        if len(idx) == 0:
+            continue
+        s = stats_of(images[torch.as_tensor(idx, dtype=torch.long)])
+        total = s if total is None else total.merge(s)
+    if total is None:
+        raise FedscoreError("every silo of the partition is empty: no real statistics")
+    return total
+
+
+def real_statistics(stats_of, cfg: RunConfig, images: Tensor, labels: Tensor
+                    ) -> tuple[FeatureStats, dict[str, Any]]:
+    """Real-data statistics of the training split and how they were made: per silo and
+    merged for a federated run, in one pass for a centralised one."""
+    parts = silo_parts(cfg, labels)
+    if parts is None:
+        return stats_of(images), {"split": "train", "n": int(images.shape[0]), "silos": 1,
+                                  "merged": False}
+    stats = merged_stats(stats_of, images, parts)
+    return stats, {
+        "split": "train",
+        "n": stats.n,
+        "silos": len(parts),
+        "silo_sizes": [len(p) for p in parts],
+        "partition": cfg.federation.partition.scheme,
+        "merged": True,
+        "how": "FID's real statistics (n, sum f, sum f f^T) computed per silo and merged by "
+               "addition; no silo shares images or features. KID and precision/recall need "
+               "the real features themselves and use the pooled training split.",
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    samples: str | os.PathLike | None = None,
+    n: int = 1000,
+    seed: int = 0,
+    inception_weights: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure a run's samples and write `eval.json` into the run folder; returns its dict.
+
+    samples: a samples.npz (default: the run folder's; drawn first with `sample_run(n,
+    seed)` when absent). seed also drives the metrics' own randomness (KID subsets, IS
+    shuffling, exact reference samples, projections). inception_weights: a local
+    Inception-v3 weights file for the papers' FID/IS (fedscore.metrics.inception_net)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    path = Path(samples) if samples is not None else run_dir / SAMPLES
+    if samples is None and not path.is_file():
+        sample_run(run_dir, n, seed=seed, progress=progress)
+    info = datasets.info(cfg.data.name)
+    x, labels = load_samples(path, tuple(info.shape))
+    result: dict[str, Any] = {"run": cfg.name, "dataset": cfg.data.name,
+                              "samples": str(path), "n_samples": int(x.shape[0]), "seed": seed,
+                              "conditional": cfg.model.conditional}
+    if _is_toy(cfg):
+        result |= toy_metrics(run_dir, cfg, x, labels, seed=seed)
+    else:
+        if inception_weights is not None:  # fail on a bad file before the long work
+            from fedscore.metrics.inception_net import load_inception
+
+            inception = load_inception(inception_weights)
+        result |= image_metrics(cfg, x, labels, seed=seed, progress=progress)
+        if inception_weights is not None:
+            result |= inception_metrics(inception, cfg, x, seed=seed, progress=progress)
+    result = _finite(result)
+    atomic_write_text(run_dir / EVAL, json.dumps(result, indent=2))
+    return result
+
+
+def _is_splits(n: int) -> int:
+    # the papers' 10 splits, but never fewer than 20 samples per split: the marginal p(y)
+    # of 10 classes estimated from a handful of samples biases IS towards 1
+    return min(10, max(1, n // 20))
+
+
+def image_metrics(cfg: RunConfig, x: Tensor, labels: Tensor | None, *, seed: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """FID, KID, IS, precision/recall, class accuracy and the unrecognisable fraction of
+    images x (n, C, H, W) from the dataset's domain classifier (fedscore.metrics.features)."""
+    from fedscore.metrics import (
+        class_accuracy,
+        fid_from_stats,
+        get_extractor,
+        inception_score,
+        kid,
+        precision_recall,
+        unrecognisable_fraction,
+    )
+
+    extractor = get_extractor(cfg.data.name, progress=progress, data_root=cfg.data.data_root)
+    extractor.check_floor()  # one clear error before any number is computed
+    x = x.clamp(-1, 1)  # what an image file of the samples would hold
+    real, real_labels = datasets.load(cfg.data.name, split="train",
+                                      data_root=cfg.data.data_root)
+    real_stats, how = real_statistics(extractor.stats, cfg, real, real_labels)
+    fake_feats = extractor.features(x)
+    logits = extractor.logits(x)
+    real_feats = extractor.features(real)
+    g = torch.Generator().manual_seed(seed)
+    kid_mean, kid_std = kid(real_feats, fake_feats, subsets=100, subset_size=1000, generator=g)
+    splits = _is_splits(x.shape[0])
+    is_mean, is_std = inception_score(logits, splits=splits, generator=g)
+    # k-NN manifolds compare sets of equal size (Kynkäänniemi et al.): a larger real set
+    # would inflate precision and deflate recall, so draw as many real features as fakes
+    pick = torch.randperm(real_feats.shape[0], generator=g)[: fake_feats.shape[0]]
+    precision, recall = precision_recall(real_feats[pick], fake_feats, k=3)
+    out = {
+        "fid": fid_from_stats(real_stats, FeatureStats.from_features(fake_feats)),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "is_mean": is_mean,
+        "is_std": is_std,
+        "is_splits": splits,
+        "precision": precision,
+        "recall": recall,
+        "pr_real_samples": int(pick.shape[0]),
+        "class_accuracy": class_accuracy(logits, labels) if labels is not None else None,
+        "unrecognisable": unrecognisable_fraction(logits),
+        "real_statistics": how,
+        "extractor": {"dataset": extractor.dataset, "test_accuracy": extractor.test_accuracy,
+                      "floor": extractor.floor, "features": extractor.num_features,
+                      "weights": str(extractor.path)},
+    }
+    return out
+
+
+def inception_metrics(inception, cfg: RunConfig, x: Tensor, *, seed: int = 0,
+                      progress: bool = True) -> dict[str, Any]:
+    """The papers' FID and IS +- std on Inception-v3 pool3 features and logits (the real
+    statistics per silo and merged, as for the domain features)."""
+    from fedscore.metrics import fid_from_stats, inception_score
+
+    x = x.clamp(-1, 1)
+    real, real_labels = datasets.load(cfg.data.name, split="train",
+                                      data_root=cfg.data.data_root)
+
+    def stats_of(images: Tensor) -> FeatureStats:
+        return inception.stats(images, progress=progress)
+
+    real_stats, _ = real_statistics(stats_of, cfg, real, real_labels)
+    feats, logits = inception.features_and_logits(x, progress=progress)
+    splits = _is_splits(x.shape[0])
+    g = torch.Generator().manual_seed(seed)
+    is_mean, is_std = inception_score(logits, splits=splits, generator=g)
+    return {
+        "inception_fid": fid_from_stats(real_stats, FeatureStats.from_features(feats)),
+        "inception_is_mean": is_mean,
+        "inception_is_std": is_std,
+        "inception_weights": str(inception.path),
+    }
+
+
+def toy_metrics(run_dir: Path, cfg: RunConfig, x: Tensor, labels: Tensor | None, *,
+                seed: int = 0) -> dict[str, Any]:
+    """Exact metrics of samples x (n, d) of a Gaussian-mixture run (fedscore.metrics.toy),
+    and the trained model's epsilon_score^2 on its training grid."""
+    from fedscore import diffusion
+    from fedscore.metrics import (
+        component_frequency_error,
+        kl_estimate,
+        mmd2_rbf,
+        score_error,
+        sliced_wasserstein,
+    )
+    from fedscore.runs.sampling import model_score_fn
+    from fedscore.runs.train import load_model
+
+    gm = _mixture(cfg)
+    g = torch.Generator().manual_seed(seed + 1)  # seed + 1: the exact samples of the scatter
+    exact = gm.sample(x.shape[0], generator=g)
+    tv, freqs = component_frequency_error(x, gm)
+    out: dict[str, Any] = {
+        "mmd2": mmd2_rbf(x, exact),
+        "sliced_w2": sliced_wasserstein(x, exact, generator=torch.Generator().manual_seed(seed)),
+        "kl": kl_estimate(x, gm),
+        "component_tv": tv,
+        "component_freqs": freqs.tolist(),
+        "mixture_weights": gm.weights.tolist(),
+    }
+    if labels is not None:  # conditional: does each sample land in the component it asked for
+        comp = gm.responsibilities(x, 0.0).argmax(1)
+        out["class_accuracy"] = float((comp == labels).double().mean())
+    if cfg.model.conditional:
+        out["score_error"] = None
+        out["score_error_note"] = ("the exact score is the mixture's; a class-conditional "
+                                   "model's score is a component's, so it is not compared")
+    else:
+        model, _ = load_model(run_dir)
+        times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
+        out["score_error"] = score_error(
+            model_score_fn(model, cfg), gm, times, n=SCORE_ERROR_N,
+            generator=torch.Generator().manual_seed(seed + 2),
+        )
+    return out
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe: NaN and infinities become None (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
