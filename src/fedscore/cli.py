@@ -116,6 +116,22 @@ def report(
     typer.echo(f"report: {report_runs(run_dirs, out)}")
 
 
+@app.command()
+def bound(
+    run_dir: Annotated[Path | None, typer.Argument(
+        help="A federated run trained with theory.estimate: true.")] = None,
+    params: Annotated[Path | None, typer.Option(help="YAML of given constants instead.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for bound.md and the plot.")] = None,
+) -> None:
+    """Theorem 1 / Corollary 1 for a run's measured constants (or given ones): terms, the
+    dominant term, conditions, the observed left-hand side beside the bound, a plot vs Q."""
+    from fedscore.theory import run_bound
+
+    if (run_dir is None) == (params is None):
+        raise FedscoreError("give either a RUN_DIR or --params FILE (one of them)")
+    typer.echo(f"bound report: {run_bound(run_dir, params, out)}")
+
+
 features_app = typer.Typer(help="Domain feature extractors for FID/IS.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 

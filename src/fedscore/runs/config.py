@@ -128,6 +128,16 @@ class FederationConfig(Strict):
         return self
 
 
+class TheoryConfig(Strict):
+    """Opt-in measurement of Theorem 1's constants during federated training."""
+
+    estimate: bool = False
+    every: int = Field(10, ge=1)
+    """Observe the constants every `every` rounds (and at the end)."""
+    full_batch: int = Field(512, ge=1)
+    """Samples per worker for the "full" gradients (in chunks of at most 256)."""
+
+
 class RunConfig(Strict):
     name: str = "run"
     seed: int = 0
@@ -139,6 +149,7 @@ class RunConfig(Strict):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     federation: Literal["none"] | FederationConfig = "none"
     """"none" for centralised training; the federated engine's settings otherwise."""
+    theory: TheoryConfig = Field(default_factory=TheoryConfig)
 
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name

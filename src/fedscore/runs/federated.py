@@ -133,6 +133,9 @@ def train_federated(
         start, gamma_star = int(state["round"]), state["gamma_star"]
         folder.truncate_metrics("round", start)
 
+    estimator = _estimator(cfg, loss_fn, steps)
+    theory_batches = _full_batches(cfg, images, labels, parts, times) if estimator else None
+
     bar = tqdm(range(start, fed.rounds), initial=start, total=fed.rounds, disable=not progress,
                desc=f"federated {cfg.name}")
     loss_value, eq9 = float("nan"), float("nan")
@@ -145,6 +148,10 @@ def train_federated(
                                      cfg.diffusion.weighting, cfg.seed, q)
         if fed.adam_state == "reset":
             opt_state = None
+        observed = []
+        if estimator is not None and estimator.due(q):
+            observed.append(estimator.observe(q, params, theory_batches, (x0, y, t, eps),
+                                              masks))
         new_params, _, stats, opt_state, worker_losses = federated.run_round(
             params, masks, (x0, y, t, eps), loss_fn, lr=fed.lr, steps=steps,
             optimizer=fed.optimizer, opt_state=opt_state, strategy=fed.strategy,
@@ -169,6 +176,10 @@ def train_federated(
                   "eq9_heldout": eq9, "gamma_star": gamma_star, "seconds": seconds,
                   "samples_per_s": fed.workers * steps * fed.batch_size / seconds,
                   **{k: v for k, v in stats.items()}}
+        if estimator is not None and q == fed.rounds - 1:  # theta_Q, for F(theta_Q)
+            observed.append(estimator.observe(q + 1, params, theory_batches, force=True))
+        if observed:
+            record["theory"] = observed
         folder.log(record)
         tensors = ckpt.prefixed("model", params)
         if opt_state is not None and fed.adam_state == "keep":
@@ -180,6 +191,24 @@ def train_federated(
     ckpt.atomic_write(folder.path / "model.safetensors",
                       lambda tmp: _save_weights(params, tmp))
     return FederatedResult(folder, model, params, int(gamma_star or 0), loss_value, eq9)
+
+
+def _estimator(cfg: RunConfig, loss_fn, steps: int):
+    """Theorem 1's constant estimator when the config opts in (normal runs pay nothing)."""
+    if not cfg.theory.estimate:
+        return None
+    from fedscore.theory import Estimator
+
+    return Estimator(loss_fn, every=cfg.theory.every, S=steps, eta=cfg.federation.lr)
+
+
+def _full_batches(cfg: RunConfig, images, labels, parts, times):
+    """Large fixed batches per worker, (N, C, B, ...), for the estimators' "full" gradients
+    (drawn once from their own seed stream so training's draws are unchanged)."""
+    size = min(cfg.theory.full_batch, 256)
+    chunks = max(1, cfg.theory.full_batch // size)
+    return draw_batches(images, labels, parts, chunks, size, times, cfg.diffusion.weighting,
+                        cfg.seed + 7_919, 0)
 
 
 def partition_kwargs(fed: FederationConfig) -> dict:
