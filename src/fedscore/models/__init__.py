@@ -1,49 +1,33 @@
-"""Score networks: net(x, t, y=None) -> out with out.shape == x.shape (t: forward times)."""
+"""Score networks: net(x, t, y=None) -> out with out.shape == x.shape.
+
+x: (B, d) vectors (ScoreMLP) or (B, C, H, W) images (UNet, diffusers adapter); t: (B,)
+FORWARD times of the OU process dX = -X dt + sqrt(2) dB (delta .. T); y: (B,) int64 labels
+or None (class-conditional networks read None as a "null" label). The caller decides
+whether out is eps or the score. Every network here runs under torch.func.functional_call,
+vmap and grad (the federated engine stacks workers' parameters on a leading axis).
+
+diffusers is imported only when a diffusers kind is built.
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
-from fedscore.errors import unknown
-from fedscore.models.ema import ema_update
-from fedscore.models.mlp import ScoreMLP
+from fedscore.models.ema import ema_decay, ema_init, ema_update, ema_update_
+from fedscore.models.mlp import ScoreMLP, time_embedding
+from fedscore.models.registry import MODELS, build_model, count_params
+from fedscore.models.unet import PRESETS as UNET_PRESETS
 from fedscore.models.unet import UNet, unet_preset
 
-
-def _unet(size: str = "tiny", **kwargs) -> nn.Module:
-    return unet_preset(size, **kwargs)
-
-
-def _diffusers(size: str | None = None, in_channels: int = 1, image_size: int = 28,
-               num_classes: int | None = None, **config) -> nn.Module:
-    from fedscore.models.diffusers_adapter import diffusers_unet
-
-    config = {"sample_size": image_size, "in_channels": in_channels,
-              "out_channels": in_channels, **config}
-    return diffusers_unet(num_classes=num_classes, **config)
-
-
-def _fi_paper(size: str | None = None, in_channels: int = 1, image_size: int = 28,
-              num_classes: int | None = 10, **overrides) -> nn.Module:
-    from fedscore.models.diffusers_adapter import fi_paper_unet
-
-    return fi_paper_unet(num_classes=num_classes, sample_size=image_size,
-                         in_channels=in_channels, out_channels=in_channels, **overrides)
-
-
-MODELS = {"mlp": ScoreMLP, "unet": _unet, "diffusers-unet": _diffusers, "fi-paper": _fi_paper}
-
-
-def build_model(kind: str, **kwargs) -> nn.Module:
-    """A score network by kind; kwargs go to its constructor."""
-    if kind not in MODELS:
-        raise unknown("model kind", kind, MODELS)
-    return MODELS[kind](**kwargs)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["MODELS", "ScoreMLP", "UNet", "build_model", "count_params", "ema_update",
-           "unet_preset"]
+__all__ = [
+    "MODELS",
+    "UNET_PRESETS",
+    "ScoreMLP",
+    "UNet",
+    "build_model",
+    "count_params",
+    "ema_decay",
+    "ema_init",
+    "ema_update",
+    "ema_update_",
+    "time_embedding",
+    "unet_preset",
+]
