@@ -1,0 +1,296 @@
+"""K agents as one score callable: their forward passes in one vectorised call (SPEC §3).
+
+Federated inference evaluates K networks of one architecture at every reverse step. They
+are held as ONE set of stacked parameters (name -> (K, ...) tensor, as
+torch.func.stack_module_state makes) and evaluated by one of two strategies:
+
+  "vmap"  torch.func.vmap of torch.func.functional_call over the agent axis, in_dims
+          (0, None, None, None): one batched call for all K agents, the batch x shared;
+  "loop"  functional_call once per agent on views of the same stacked tensors.
+
+"auto" uses the federated engine's rule (`fedscore.federated.engine.choose_strategy`, one
+rule for training and inference): "vmap" when the parameters are on an accelerator or the
+model is small and conv-free (<= AUTO_VMAP_MAX_PARAMS parameters, no parameter of ndim > 2),
+"loop" otherwise. Why: on this project's 2-core CPU a prototype measured vmap ~3x faster
+than a loop for a small MLP (per-call overhead dominates), but SLOWER for a 0.7 M-parameter
+conv U-Net: under vmap a conv with per-agent weights becomes a grouped conv, which is slow
+on CPU, and the work is compute-bound anyway (benchmarks/inference_overhead.py measures it).
+Name a strategy to override the rule.
+
+Agents trained by `train_agents` keep their run folder; `load_agents` stacks them and reads
+each folder's `class_counts.json`, the only thing the server may learn of an agent's data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from fedscore.diffusion import PARAMETERISATIONS, to_score
+from fedscore.errors import FedscoreError, unknown
+
+Params = dict[str, Tensor]
+STRATEGIES = ("auto", "vmap", "loop")
+COUNTS_FILE = "class_counts.json"
+
+
+def choose_strategy(params: Params) -> str:
+    """The "auto" rule (see the module docstring): the federated engine's choice, named in
+    this module's terms ("sequential" there is "loop" here)."""
+    from fedscore.federated.engine import choose_strategy as engine_rule
+
+    return "vmap" if engine_rule(params) == "vmap" else "loop"
+
+
+def _stack(params) -> Params:
+    """name -> (K, ...) from a list of modules or of dicts, or an already stacked dict."""
+    if isinstance(params, Mapping):
+        stacked = {k: torch.as_tensor(v) for k, v in params.items()}
+        sizes = {v.shape[0] if v.ndim else None for v in stacked.values()}
+        if not stacked or len(sizes) != 1 or None in sizes:
+            raise FedscoreError(
+                "stacked agent parameters must be a non-empty dict of tensors that all share "
+                f"the leading agent axis; got leading sizes {sorted(map(str, sizes))}"
+            )
+        return stacked
+    items = list(params)
+    if not items:
+        raise FedscoreError("federated inference needs at least one agent")
+    dicts = [
+        {**dict(p.named_parameters()), **dict(p.named_buffers())} if isinstance(p, nn.Module)
+        else dict(p)
+        for p in items
+    ]
+    names = set(dicts[0])
+    for i, d in enumerate(dicts[1:], start=1):
+        if set(d) != names:
+            raise FedscoreError(
+                f"agent {i} has parameters {sorted(set(d) ^ names)[:5]} that agent 0 does not "
+                "share (or lacks some of agent 0's): all agents must have one architecture"
+            )
+    with torch.no_grad():
+        return {k: torch.stack([d[k].detach() for d in dicts]) for k in dicts[0]}
+
+
+class StackedAgents:
+    """K score networks of one architecture as one callable `(x, t[, y]) -> (K, B, ...)`.
+
+    model:            the architecture (its own weights are only a fallback for names the
+                      stacked dict lacks); called as model(x, t, y).
+    params:           a list of K modules or K dicts (name -> tensor), or one stacked dict
+                      (name -> (K, ...)).
+    parameterisation: how a raw output reads as a score ("eps": s = -out / sigma_t; "score").
+    labels:           (B,) class labels bound for class-conditional agents (None: none).
+    strategy:         "auto", "vmap" or "loop" (module docstring).
+    counts:           optional (K, C) per-class sample counts of the agents.
+
+    Shapes: x (B, ...), t (B,) forward times -> (K, B, ...) scores. Has `n_agents`, so every
+    aggregator of fedscore.inference reads it directly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params,
+        parameterisation: str = "eps",
+        labels: Tensor | None = None,
+        strategy: str = "auto",
+        counts: Tensor | None = None,
+    ):
+        if strategy not in STRATEGIES:
+            raise unknown("agent strategy", strategy, STRATEGIES)
+        self.model = model
+        self.params = _stack(params)
+        self.n_agents = next(iter(self.params.values())).shape[0]
+        # per-agent views of the stacked tensors (no copies), for the "loop" strategy
+        self._views = [{k: v[i] for k, v in self.params.items()} for i in range(self.n_agents)]
+        if parameterisation not in PARAMETERISATIONS:
+            raise unknown("parameterisation", parameterisation, PARAMETERISATIONS)
+        self.parameterisation = parameterisation
+        self.labels = labels
+        first = {k: v[0] for k, v in self.params.items()}
+        self.strategy = choose_strategy(first) if strategy == "auto" else strategy
+        if counts is not None:
+            counts = torch.as_tensor(counts)
+            if counts.ndim != 2 or counts.shape[0] != self.n_agents:
+                raise FedscoreError(
+                    f"counts must be ({self.n_agents}, classes); got {tuple(counts.shape)}"
+                )
+        self.counts = counts
+        self.config = None  # the agents' RunConfig when loaded from run folders
+
+    def with_labels(self, labels: Tensor | None) -> StackedAgents:
+        """The same agents (parameters shared, not copied) with labels (B,) bound."""
+        other = object.__new__(StackedAgents)
+        other.__dict__.update(self.__dict__)
+        other.labels = labels
+        return other
+
+    def _one(self, p: Params, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        out = functional_call(self.model, p, (x, t, y))
+        return to_score(out, t, self.parameterisation)
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """(K, B, ...) scores of the K agents at x (B, ...), forward times t (B,); labels y
+        (B,) override the bound ones (the diagnostics' `agent_scores(x, t, y)`)."""
+        y = self.labels if y is None else y
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise FedscoreError(
+                f"{y.shape[0]} labels are bound to the agents but the batch has {x.shape[0]} "
+                "samples; bind one label per sample with .with_labels(y)"
+            )
+        with torch.no_grad():
+            if self.strategy == "vmap":
+                return vmap(self._one, in_dims=(0, None, None, None))(self.params, x, t, y)
+            return torch.stack([self._one(p, x, t, y) for p in self._views])
+
+    def weights_for(self, labels: Tensor) -> Tensor:
+        """(B, K) per-sample agent weights: each agent's count of the sample's label
+        (normalised by the aggregators). A label no agent holds falls back to the agents'
+        total sizes."""
+        if self.counts is None:
+            raise FedscoreError("these agents carry no class counts (load them with load_agents)")
+        return label_weights(self.counts, labels)
+
+    def __repr__(self) -> str:
+        return (f"StackedAgents(K={self.n_agents}, model={type(self.model).__name__}, "
+                f"strategy={self.strategy!r}, parameterisation={self.parameterisation!r})")
+
+
+def label_weights(counts: Tensor, labels: Tensor) -> Tensor:
+    """(B, K) float64: counts[k, labels[b]], or the agents' total sizes where that column is
+    all zero (nobody holds the label, so its count says nothing)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.min() < 0 or labels.max() >= counts.shape[1]:
+        raise FedscoreError(f"labels must lie in [0, {counts.shape[1]}) for these counts")
+    w = counts[:, labels].T  # (B, K)
+    empty = w.sum(1) <= 0
+    if empty.any():
+        w[empty] = counts.sum(1)
+    return w
+
+
+def read_class_counts(run_dir: str | Path) -> list[int]:
+    """An agent's per-class sample counts from its run folder's class_counts.json."""
+    path = Path(run_dir) / COUNTS_FILE
+    if not path.is_file():
+        raise FedscoreError(
+            f"{str(path)!r} does not exist: agent folders are written by `fedscore agents "
+            "train` (fedscore.inference.train_agents), which records each agent's class counts"
+        )
+    return [int(c) for c in json.loads(path.read_text())["class_counts"]]
+
+
+def load_agents(
+    run_dirs: Sequence[str | Path], *, strategy: str = "auto", device: str | None = None
+) -> StackedAgents:
+    """Stack the trained agents of `run_dirs` (their EMA weights when kept) with their
+    class counts; `.config` is the first agent's RunConfig. All agents must share model,
+    data and diffusion settings."""
+    from fedscore.runs.config import dump_config
+    from fedscore.runs.train import load_model
+
+    if strategy not in STRATEGIES:
+        raise unknown("agent strategy", strategy, STRATEGIES)
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise FedscoreError("load_agents needs at least one agent run folder")
+    counts = [read_class_counts(d) for d in dirs]
+    models, cfgs = zip(*(load_model(d) for d in dirs))
+    same = ("model", "data", "diffusion")
+    ref = {k: dump_config(getattr(cfgs[0], k)) for k in same}
+    for d, cfg in zip(dirs[1:], cfgs[1:]):
+        for k in same:
+            if dump_config(getattr(cfg, k)) != ref[k]:
+                raise FedscoreError(
+                    f"agent {str(d)!r} has different `{k}` settings than {str(dirs[0])!r}: "
+                    "federated inference combines agents of one architecture on one dataset"
+                )
+    width = max(len(c) for c in counts)
+    counts_t = torch.tensor([c + [0] * (width - len(c)) for c in counts], dtype=torch.long)
+    if device is not None:
+        models = [m.to(device) for m in models]
+    agents = StackedAgents(models[0], list(models), cfgs[0].diffusion.parameterisation,
+                           strategy=strategy, counts=counts_t)
+    agents.config = cfgs[0]
+    return agents
+
+
+# ---------------------------------------------------------------- training the agents
+
+REGIMES: dict[str, str] = {
+    "control": "all",  # FI §4.1 CONTROL: one agent holds all the data
+    "homogeneous": "homogeneous",  # 10% of every digit each
+    "heterogeneous": "dominant",  # agent j: 50% digit j, 50% evenly the others
+}
+"""Regime -> partition scheme of fedscore.data.partition."""
+
+
+def train_agents(
+    cfg, regime: str, out_dir: str | Path | None = None, *, n_agents: int = 10,
+    progress: bool = True,
+) -> list[Path]:
+    """Train one class-conditional score model per partition of the training split, each
+    alone on its own data (train_central on its indices), for a regime of FI §4.1.
+
+    Agent j's run folder is `out_dir/agent-jj` (out_dir defaults to cfg.run_dir()), seeded
+    cfg.seed + j, and holds class_counts.json: its per-class sample counts, the only thing
+    the server may learn of its data. `out_dir/agents.json` lists the agents and their
+    counts. The control regime has one agent whatever n_agents says. A finished agent
+    (model.safetensors present, same config) is kept; an interrupted one is resumed.
+    Returns the agents' run folders.
+    """
+    from fedscore import data as datasets
+    from fedscore.runs.checkpoint import atomic_write_text
+    from fedscore.runs.config import dump_config
+    from fedscore.runs.folder import RunFolder
+    from fedscore.runs.train import train_central
+
+    if regime not in REGIMES:
+        raise unknown("regime", regime, REGIMES)
+    if not cfg.model.conditional:
+        raise FedscoreError(
+            "model.conditional is false, but federated inference's agents are class-"
+            "conditional score models (SPEC §3): set model.conditional: true"
+        )
+    if cfg.federation != "none":
+        raise FedscoreError(
+            "agents train alone (centrally, on their own partition): set federation: none; "
+            "the regime chooses the partition"
+        )
+    out = Path(out_dir) if out_dir is not None else cfg.run_dir()
+    _, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
+                              download=cfg.data.download)
+    n_workers = 1 if regime == "control" else n_agents
+    parts = datasets.partition(labels, REGIMES[regime], n_workers=n_workers, seed=cfg.seed)
+    counts = datasets.class_histogram(labels, parts, n_classes=int(labels.max()) + 1)
+    folders, summary = [], []
+    for j, idx in enumerate(parts):
+        agent = cfg.model_copy(update={"name": f"agent-{j:02d}", "out_dir": str(out),
+                                       "seed": cfg.seed + j})
+        path = agent.run_dir()
+        kept = path / "config.yaml"
+        if kept.is_file() and kept.read_text() != dump_config(agent):
+            raise FedscoreError(
+                f"{str(path)!r} holds an agent trained with another config; choose another "
+                "output folder (--out) or remove it"
+            )
+        if not (path / "model.safetensors").is_file():
+            resume = (path / "checkpoint.safetensors").is_file()
+            folder = RunFolder.open(agent, resume=resume, path=path)
+            atomic_write_text(path / COUNTS_FILE, json.dumps(
+                {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
+            train_central(agent, resume=resume, progress=progress, folder=folder,
+                          indices=torch.as_tensor(idx))
+        folders.append(path)
+        summary.append({"folder": path.name, "class_counts": counts[j].tolist()})
+    atomic_write_text(out / "agents.json", json.dumps(
+        {"regime": regime, "scheme": REGIMES[regime], "dataset": cfg.data.name,
+         "agents": summary}, indent=2))
+    return folders
