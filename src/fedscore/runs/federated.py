@@ -25,7 +25,13 @@ from fedscore.federated.seeding import DATA, MASKS, seed_for
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import FederationConfig, RunConfig
 from fedscore.runs.folder import RunFolder
-from fedscore.runs.train import DivergenceError, build_model_for, eval_eq9, held_out_batch
+from fedscore.runs.train import (
+    DivergenceError,
+    build_model_for,
+    eval_eq9,
+    held_out_batch,
+    save_weights,
+)
 
 
 @dataclass
@@ -189,7 +195,7 @@ def train_federated(
         bar.set_postfix(loss=f"{loss_value:.4f}", gamma=gamma_star,
                         samples_s=f"{record['samples_per_s']:.0f}")
     ckpt.atomic_write(folder.path / "model.safetensors",
-                      lambda tmp: _save_weights(params, tmp))
+                      lambda tmp: save_weights(params, tmp))
     return FederatedResult(folder, model, params, int(gamma_star or 0), loss_value, eq9)
 
 
@@ -239,8 +245,3 @@ def _unflatten_opt(tensors: dict[str, Tensor]):
             state[key] = value
     return state
 
-
-def _save_weights(weights: dict[str, Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in weights.items()}, path)

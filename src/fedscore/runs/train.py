@@ -178,7 +178,7 @@ def train_central(
     final = _final_weights(model, ema)
     ckpt.atomic_write(
         folder.path / "model.safetensors",
-        lambda tmp: _save_weights(final, tmp),
+        lambda tmp: save_weights(final, tmp),
     )
     eq9 = folder.metrics()[-1].get("eq9_heldout", float("nan")) if folder.metrics() else float(
         "nan")
@@ -213,7 +213,7 @@ def _final_weights(model: nn.Module, ema: dict[str, Tensor] | None) -> dict[str,
     return ema if ema is not None else {k: v.detach() for k, v in model.named_parameters()}
 
 
-def _save_weights(weights: dict[str, Tensor], path: str) -> None:
+def save_weights(weights: dict[str, Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in weights.items()}, path)
