@@ -221,3 +221,14 @@ def load_config(
 def dump_config(cfg: BaseModel) -> str:
     """The resolved config as YAML (what `--dry-run` prints and run folders keep)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_text(text: str, source: str = "config text") -> RunConfig:
+    """A resolved config from its YAML text (what a Flower server sends its workers)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+        return RunConfig.model_validate(raw)
+    except yaml.YAMLError as err:
+        raise FedscoreError(f"{source} is not valid YAML: {err}") from err
+    except ValidationError as err:
+        raise FedscoreError(_describe(err, source)) from None

@@ -78,10 +78,15 @@ def make_loss(model: nn.Module, cfg: RunConfig, total_time: float):
 def draw_batches(
     images: Tensor, labels: Tensor, parts: list[Tensor], steps: int, batch: int,
     times: Tensor, weighting: str, run_seed: int, round_: int,
+    workers: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every worker's S mini-batches and their DSM noise, stacked (N, S, B, ...)."""
+    """Every worker's S mini-batches and their DSM noise, stacked (N, S, B, ...).
+
+    workers: the worker ids of `parts` (default 0..N-1); each worker's draws come from its
+    own seed, so a SuperNode drawing only its own part gets what the in-process run drew."""
     xs, ys, ts, es = [], [], [], []
-    for n, idx in enumerate(parts):
+    ids = range(len(parts)) if workers is None else workers
+    for n, idx in zip(ids, parts, strict=True):
         g = torch.Generator().manual_seed(seed_for(run_seed, round_, n, DATA))
         pick = idx[torch.randint(len(idx), (steps, batch), generator=g)]
         x0 = images[pick]  # (S, B, ...)
@@ -93,109 +98,201 @@ def draw_batches(
     return torch.stack(xs), torch.stack(ys), torch.stack(ts), torch.stack(es)
 
 
+@dataclass
+class Federation:
+    """What every party of a federated run derives from the config alone, deterministically:
+    the in-process loop, a Flower server and every SuperNode build the same one."""
+
+    cfg: RunConfig
+    images: Tensor
+    labels: Tensor
+    parts: list[Tensor]
+    model: nn.Module
+    init_params: dict[str, Tensor]
+    ratios: list[float]
+    times: Tensor
+    loss_fn: object
+    steps: int
+
+    @property
+    def fed(self) -> FederationConfig:
+        return self.cfg.federation
+
+
+def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None) -> Federation:
+    """The run's data, partition, model, keep ratios, grid, loss and S.
+
+    own_data: (images, labels) a worker holds itself (a hospital's SuperNode pointed at its
+    own folder): it replaces the dataset and the partition; every worker slot is all of it.
+    """
+    fed = cfg.federation
+    if not isinstance(fed, FederationConfig):
+        raise FedscoreError("this config has `federation: none`; use centralised training")
+    if own_data is None:
+        images, labels = datasets.load(cfg.data.name, split="train",
+                                       data_root=cfg.data.data_root, download=cfg.data.download)
+        parts_np = datasets.partition(labels.numpy(), fed.partition.scheme,
+                                      n_workers=fed.workers, seed=cfg.seed,
+                                      **partition_kwargs(fed))
+        parts = [torch.as_tensor(p, dtype=torch.long) for p in parts_np]
+    else:
+        images, labels = own_data
+        parts = [torch.arange(len(images))] * fed.workers
+    model = build_model_for(cfg.model, tuple(images.shape[1:]), int(labels.max()) + 1,
+                            seed=cfg.seed)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
+    return Federation(
+        cfg=cfg, images=images, labels=labels, parts=parts, model=model, init_params=params,
+        ratios=keep_ratios(fed), times=times,
+        loss_fn=make_loss(model, cfg, float(times[0] - times[-1])),
+        steps=local_steps(fed, [len(p) for p in parts]),
+    )
+
+
+def worker_masks(f: Federation, params: dict[str, Tensor], q: int,
+                 workers: list[int]) -> dict[str, Tensor]:
+    """m_{q,n} of the given workers, stacked (len(workers), ...), each from its own seed."""
+    gens = [torch.Generator().manual_seed(seed_for(f.cfg.seed, q, n, MASKS)) for n in workers]
+    return federated.build_masks(params, f.fed.policy, [f.ratios[n] for n in workers], gens)
+
+
+def round_batches(f: Federation, q: int, workers: list[int]):
+    """Round q's pre-drawn batches (x0, y, t, eps) of the given workers, (len, S, B, ...)."""
+    return draw_batches(f.images, f.labels, [f.parts[n] for n in workers], f.steps,
+                        f.fed.batch_size, f.times, f.cfg.diffusion.weighting, f.cfg.seed, q,
+                        workers=workers)
+
+
+def worker_round(f: Federation, params: dict[str, Tensor], q: int, n: int,
+                 opt_state: dict | None = None):
+    """Worker n's part of round q (eq. 7), what a Flower SuperNode runs: its mask, its
+    batches, `federated.local_update` (the engine's sequential path). Returns (theta_{q,n,S},
+    mask, opt state, losses (S,))."""
+    mask = {k: v[0] for k, v in worker_masks(f, params, q, [n]).items()}
+    batch = tuple(b[0] for b in round_batches(f, q, [n]))
+    fed = f.fed
+    theta, state, losses = federated.local_update(
+        params, mask, batch, f.loss_fn, lr=fed.lr, steps=f.steps, optimizer=fed.optimizer,
+        opt_state=None if fed.adam_state == "reset" else opt_state,
+    )
+    return theta, mask, state, losses
+
+
+def write_partition(folder: RunFolder, f: Federation) -> None:
+    labels = f.labels.numpy()
+    parts = [p.numpy() for p in f.parts]
+    datasets.plot_partition(labels, parts, folder.path / "partition.png")
+    folder.write_json("partition.json", {
+        "sizes": [len(p) for p in parts],
+        "class_histogram": datasets.class_histogram(labels, parts).tolist(),
+    })
+
+
+def resume_state(folder: RunFolder, params: dict[str, Tensor]):
+    """(params, opt state, rounds done, Gamma*) from a run folder's checkpoint."""
+    tensors, state = ckpt.load_checkpoint(folder.checkpoint)
+    saved = ckpt.unprefixed("model", tensors)
+    if set(saved) != set(params) or any(saved[k].shape != v.shape for k, v in params.items()):
+        raise FedscoreError(
+            f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model"
+        )
+    opt_tensors = ckpt.unprefixed("opt", tensors)
+    opt_state = _unflatten_opt(opt_tensors) if opt_tensors else None
+    folder.truncate_metrics("round", int(state["round"]))
+    # the model's own order
+    return {k: saved[k] for k in params}, opt_state, int(state["round"]), state["gamma_star"]
+
+
+def save_round(folder: RunFolder, params: dict[str, Tensor], rounds_done: int,
+               gamma_star: int | None, opt_state: dict | None = None) -> None:
+    """The per-round atomic checkpoint (model, optionally stacked Adam state)."""
+    tensors = ckpt.prefixed("model", params)
+    if opt_state is not None:
+        tensors |= ckpt.prefixed("opt", _flatten_opt(opt_state))
+    ckpt.save_checkpoint(folder.checkpoint, tensors,
+                         {"round": rounds_done, "gamma_star": gamma_star})
+
+
+def save_final(folder: RunFolder, params: dict[str, Tensor]) -> None:
+    ckpt.atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(params, tmp))
+
+
+def check_finite(folder: RunFolder, fed: FederationConfig, q: int, worker_loss: list[float],
+                 params: dict[str, Tensor], workers: list[int] | None = None) -> None:
+    """Stop a diverging run with a diagnosis (the last good checkpoint stays)."""
+    ids = workers if workers is not None else list(range(len(worker_loss)))
+    bad = [n for n, v in zip(ids, worker_loss) if not math.isfinite(v)]
+    if bad or not all(torch.isfinite(v).all() for v in params.values()):
+        raise DivergenceError(
+            f"federated training diverged in round {q + 1}: worker(s) {bad or 'all'} "
+            f"produced a non-finite loss or parameters. The last good checkpoint is kept "
+            f"in {str(folder.checkpoint)!r}; lower federation.lr (now {fed.lr}) and resume"
+        )
+
+
 def train_federated(
     cfg: RunConfig, *, resume: bool = False, progress: bool = True, folder: RunFolder | None = None
 ) -> FederatedResult:
     """Run cfg.federation's rounds; returns the final global model."""
-    fed = cfg.federation
-    if not isinstance(fed, FederationConfig):
-        raise FedscoreError("this config has `federation: none`; use centralised training")
+    f = prepare(cfg)
+    fed = f.fed
     folder = folder or RunFolder.open(cfg, resume=resume)
-    images, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
-                                   download=cfg.data.download)
-    parts_np = datasets.partition(
-        labels.numpy(), fed.partition.scheme, n_workers=fed.workers, seed=cfg.seed,
-        **partition_kwargs(fed),
-    )
-    parts = [torch.as_tensor(p, dtype=torch.long) for p in parts_np]
     if not resume:
-        datasets.plot_partition(labels.numpy(), parts_np, folder.path / "partition.png")
-        folder.write_json("partition.json", {
-            "sizes": [len(p) for p in parts_np],
-            "class_histogram": datasets.class_histogram(labels.numpy(), parts_np).tolist(),
-        })
-    model = build_model_for(cfg.model, tuple(images.shape[1:]), int(labels.max()) + 1,
-                            seed=cfg.seed)
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    ratios = keep_ratios(fed)
-    times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
-    loss_fn = make_loss(model, cfg, float(times[0] - times[-1]))
-    steps = local_steps(fed, [len(p) for p in parts])
+        write_partition(folder, f)
+    model, params, loss_fn, steps = f.model, f.init_params, f.loss_fn, f.steps
     eval_x, eval_y = held_out_batch(cfg, cfg.train.eval_batch)
 
     opt_state = None
     start, gamma_star = 0, None
     if resume:
-        tensors, state = ckpt.load_checkpoint(folder.checkpoint)
-        saved = ckpt.unprefixed("model", tensors)
-        if set(saved) != set(params) or any(saved[k].shape != v.shape
-                                             for k, v in params.items()):
-            raise FedscoreError(
-                f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model"
-            )
-        params = {k: saved[k] for k in params}  # the model's own order
-        opt_tensors = ckpt.unprefixed("opt", tensors)
-        opt_state = _unflatten_opt(opt_tensors) if opt_tensors else None
-        start, gamma_star = int(state["round"]), state["gamma_star"]
-        folder.truncate_metrics("round", start)
+        params, opt_state, start, gamma_star = resume_state(folder, params)
 
     estimator = _estimator(cfg, loss_fn, steps)
-    theory_batches = _full_batches(cfg, images, labels, parts, times) if estimator else None
+    theory_batches = (_full_batches(cfg, f.images, f.labels, f.parts, f.times)
+                      if estimator else None)
+    everyone = list(range(fed.workers))
 
     bar = tqdm(range(start, fed.rounds), initial=start, total=fed.rounds, disable=not progress,
                desc=f"federated {cfg.name}")
     loss_value, eq9 = float("nan"), float("nan")
     for q in bar:
         t0 = time.perf_counter()
-        gens = [torch.Generator().manual_seed(seed_for(cfg.seed, q, n, MASKS))
-                for n in range(fed.workers)]
-        masks = federated.build_masks(params, fed.policy, ratios, gens)
-        x0, y, t, eps = draw_batches(images, labels, parts, steps, fed.batch_size, times,
-                                     cfg.diffusion.weighting, cfg.seed, q)
+        masks = worker_masks(f, params, q, everyone)
+        batches = round_batches(f, q, everyone)
         if fed.adam_state == "reset":
             opt_state = None
         observed = []
         if estimator is not None and estimator.due(q):
-            observed.append(estimator.observe(q, params, theory_batches, (x0, y, t, eps),
-                                              masks))
+            observed.append(estimator.observe(q, params, theory_batches, batches, masks))
         new_params, _, stats, opt_state, worker_losses = federated.run_round(
-            params, masks, (x0, y, t, eps), loss_fn, lr=fed.lr, steps=steps,
+            params, masks, batches, loss_fn, lr=fed.lr, steps=steps,
             optimizer=fed.optimizer, opt_state=opt_state, strategy=fed.strategy,
             uncovered=fed.uncovered,
         )
-        per_worker = worker_losses.mean(dim=1)  # (N,)
-        bad = [n for n in range(fed.workers) if not math.isfinite(float(per_worker[n]))]
-        if bad or not all(torch.isfinite(v).all() for v in new_params.values()):
-            raise DivergenceError(
-                f"federated training diverged in round {q + 1}: worker(s) {bad or 'all'} "
-                f"produced a non-finite loss or parameters. The last good checkpoint is kept "
-                f"in {str(folder.checkpoint)!r}; lower federation.lr (now {fed.lr}) and resume"
-            )
+        per_worker = worker_losses.mean(dim=1).tolist()  # (N,)
+        check_finite(folder, fed, q, per_worker, new_params)
         params = new_params
         gamma_star = stats["min_coverage"] if gamma_star is None else min(
             gamma_star, stats["min_coverage"])
         model.load_state_dict(params, strict=False)
-        eq9 = eval_eq9(cfg, model, eval_x, eval_y, times)
-        loss_value = float(per_worker.mean())
+        eq9 = eval_eq9(cfg, model, eval_x, eval_y, f.times)
+        loss_value = sum(per_worker) / len(per_worker)
         seconds = time.perf_counter() - t0
-        record = {"round": q + 1, "loss": loss_value, "worker_loss": per_worker.tolist(),
+        record = {"round": q + 1, "loss": loss_value, "worker_loss": per_worker,
                   "eq9_heldout": eq9, "gamma_star": gamma_star, "seconds": seconds,
                   "samples_per_s": fed.workers * steps * fed.batch_size / seconds,
-                  **{k: v for k, v in stats.items()}}
+                  **stats}
         if estimator is not None and q == fed.rounds - 1:  # theta_Q, for F(theta_Q)
             observed.append(estimator.observe(q + 1, params, theory_batches, force=True))
         if observed:
             record["theory"] = observed
         folder.log(record)
-        tensors = ckpt.prefixed("model", params)
-        if opt_state is not None and fed.adam_state == "keep":
-            tensors |= ckpt.prefixed("opt", _flatten_opt(opt_state))
-        ckpt.save_checkpoint(folder.checkpoint, tensors,
-                             {"round": q + 1, "gamma_star": gamma_star})
+        save_round(folder, params, q + 1, gamma_star,
+                   opt_state if fed.adam_state == "keep" else None)
         bar.set_postfix(loss=f"{loss_value:.4f}", gamma=gamma_star,
                         samples_s=f"{record['samples_per_s']:.0f}")
-    ckpt.atomic_write(folder.path / "model.safetensors",
-                      lambda tmp: save_weights(params, tmp))
+    save_final(folder, params)
     return FederatedResult(folder, model, params, int(gamma_star or 0), loss_value, eq9)
 
 
