@@ -222,6 +222,47 @@ def reproduce_pruning(
     typer.echo(f"report: {report}")
 
 
+flower_app = typer.Typer(help="Federated training on Flower (SuperLink + SuperNodes).",
+                         no_args_is_help=True)
+app.add_typer(flower_app, name="flower")
+
+
+@flower_app.command("run")
+def flower_run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    deployment: Annotated[str, typer.Option(
+        help="loopback (real SuperLink + SuperNodes on 127.0.0.1) or simulation (Flower's "
+             "simulation runtime; needs flwr[simulation]).")] = "loopback",
+    nodes: Annotated[int | None, typer.Option(
+        help="SuperNodes to start (default: federation.workers).")] = None,
+    tls: Annotated[bool, typer.Option(help="Serve the SuperLink over TLS (test CA).")] = False,
+    auth: Annotated[bool, typer.Option(help="SuperNode authentication (implies --tls).")] = (
+        False),
+    resume: Annotated[bool, typer.Option(help="Continue from the run's checkpoint.")] = False,
+    round_timeout: Annotated[float, typer.Option(
+        help="Seconds the server waits for a round's replies.")] = 600.0,
+) -> None:
+    """Run a federated config on Flower on this machine; same run folder as `train`."""
+    from fedscore.flower.run import run_flower
+
+    cfg = _config(config, set_, out)
+    folder = run_flower(cfg, out or cfg.run_dir(), deployment=deployment, nodes=nodes,
+                        tls=tls or auth, auth=auth, resume=resume, round_timeout=round_timeout)
+    typer.echo(f"run folder: {folder}")
+
+
+@flower_app.command("app")
+def flower_app_dir(
+    folder: Annotated[Path, typer.Argument(help="Where to write the Flower app.")],
+) -> None:
+    """Write the Flower app folder for `flwr run` against your own federation."""
+    from fedscore.flower.launch import write_app
+
+    typer.echo(f"Flower app: {write_app(folder)}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder of the demo.")] = Path(

@@ -1,0 +1,103 @@
+"""The Flower ClientApp: one SuperNode is one worker of SPEC §2.
+
+Flower's Message API (`@app.train()`), not the deprecated NumPyClient path. The worker
+learns who it is from Flower's node config (`partition-id`, `num-partitions`, what Flower's
+simulation engine sets and what `flower-supernode --node-config` passes), receives theta_q
+and the run's resolved fedscore config from the server, runs `runs.federated.worker_round`
+(eq. 7, the same function the in-process engine's sequential path runs) and answers with a
+sparse payload: its kept values and its mask (`flower.payload`).
+
+A hospital's SuperNode can instead train on its own folder: node config `data-root=/its/data`
+loads the run's dataset from there and uses all of it, no partitioning.
+
+Flower starts a fresh ClientApp process per message, so anything a worker keeps between
+rounds (Adam's moments when `federation.adam_state: keep`) lives in `context.state`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedscore.flower import payload
+from fedscore.flower.records import arrays_to_tensors, tensors_to_record
+from fedscore.runs.config import config_from_text
+
+app = ClientApp()
+
+
+def node_identity(node_config: dict, workers: int) -> int:
+    """This node's worker id, checked against the run's number of workers."""
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "this SuperNode has no `partition-id` in its node config; start it with "
+            "--node-config 'partition-id=<n> num-partitions=<N>'"
+        )
+    pid = int(node_config["partition-id"])
+    total = int(node_config.get("num-partitions", workers))
+    if total != workers or not 0 <= pid < workers:
+        raise ValueError(
+            f"node config says partition {pid} of {total}, but the run has {workers} workers"
+        )
+    return pid
+
+
+def _own_data(cfg, node_config: dict):
+    root = node_config.get("data-root")
+    if not root:
+        return None
+    from fedscore import data as datasets
+
+    return datasets.load(cfg.data.name, split="train", data_root=str(root))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedscore.runs.federated import prepare, worker_round
+
+    settings = msg.content["settings"]
+    cfg = config_from_text(str(settings["config"]))
+    q = int(settings["round"])
+    pid = node_identity(dict(context.node_config), cfg.federation.workers)
+    torch.set_num_threads(int(context.node_config.get("threads", 1)))
+    f = prepare(cfg, own_data=_own_data(cfg, dict(context.node_config)))
+    params = arrays_to_tensors(msg.content["global"], f.init_params)
+
+    opt_state = None
+    if "adam" in context.state and cfg.federation.adam_state == "keep":
+        opt_state = _unflatten_state(arrays_to_tensors(context.state["adam"]))
+    t0 = time.perf_counter()
+    theta, mask, state, losses = worker_round(f, params, q, pid, opt_state)
+    seconds = time.perf_counter() - t0
+    if state is not None and cfg.federation.adam_state == "keep":
+        context.state["adam"] = tensors_to_record(_flatten_state(state))
+
+    seeded = cfg.federation.policy == "random"  # the server regenerates random masks
+    arrays, kinds = payload.encode(theta, mask, seeded=seeded)
+    kept = sum(int(m.sum()) for m in mask.values())
+    content = RecordDict({
+        "payload": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "meta": ConfigRecord({"partition-id": pid, "round": q, "kinds": json.dumps(kinds)}),
+        "metrics": MetricRecord({
+            "loss": float(losses.mean()), "kept": kept, "num-examples": len(f.parts[pid]),
+            "payload-bytes": payload.nbytes(arrays), "train-seconds": seconds,
+        }),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _flatten_state(state: dict) -> dict[str, torch.Tensor]:
+    out = {f"m/{k}": v for k, v in state["m"].items()}
+    out |= {f"v/{k}": v for k, v in state["v"].items()}
+    out["step"] = state["step"].reshape(1)
+    return out
+
+
+def _unflatten_state(tensors: dict[str, torch.Tensor]) -> dict:
+    return {"m": {k[2:]: v for k, v in tensors.items() if k.startswith("m/")},
+            "v": {k[2:]: v for k, v in tensors.items() if k.startswith("v/")},
+            "step": tensors["step"].reshape(())}
