@@ -1,8 +1,12 @@
 """The CLI's commands call their library functions and write where they say."""
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from fedscore.cli import app
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 PARAMS = """L: 2.0
 w: 0.3
@@ -51,3 +55,23 @@ def test_sample_evaluate_report_on_a_toy_run(tmp_path):
     result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     assert "Scores" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_flower_run_refuses_a_node_count_that_is_not_the_worker_count(tmp_path):
+    result = CliRunner().invoke(app, ["flower", "run", "--config",
+                                        str(CONFIGS / "flower-toy.yaml"),
+                                 "--nodes", "2", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0
+    assert "one SuperNode per worker" in str(result.exception) + result.output
+
+
+def test_flower_app_writes_a_valid_flower_app(tmp_path):
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    result = CliRunner().invoke(app, ["flower", "app", str(tmp_path / "app")])
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(config, check_module=True)
+    assert ok, errors

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from fedscore.data.partition import class_histogram
 
@@ -18,6 +16,11 @@ def plot_partition(
     columns, every cell annotated with its count, row totals on the right. Returns path."""
     hist = class_histogram(labels, parts, n_classes)
     n_workers, k = hist.shape
+    # imported here: matplotlib costs ~0.4 s to import, and every Flower ClientApp process
+    # (one per round) imports fedscore.data without plotting anything
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     # A Figure with its own Agg canvas: no pyplot state, no global backend switch.
     fig = Figure(figsize=(1.0 + 0.55 * k, 0.9 + 0.4 * n_workers))
     FigureCanvasAgg(fig)

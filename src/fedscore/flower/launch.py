@@ -166,6 +166,8 @@ class Federation:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # Flower default: 1 s
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences a warning of Ray
             # the SuperLink and SuperNodes start Flower's other executables by name
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         })
@@ -231,9 +233,6 @@ class Federation:
             lines.append(f"root-certificates = {_toml_str(str(self.certs.ca_cert))}")
         else:
             lines.append("insecure = true")
-        if self.simulation:
-            lines += ["", f"[superlink.{CONNECTION}.options]",
-                      f"num-supernodes = {self.sim_nodes}"]
         path = self.home / "config.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -299,6 +298,8 @@ class Federation:
         overrides = write_run_config(self.home / "run-config.toml", settings)
         cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(overrides),
                "--stream"]
+        if self.simulation:
+            cmd += ["--federation-config", f"num-supernodes={self.sim_nodes}"]
         self.log("run").parent.mkdir(parents=True, exist_ok=True)
         with open(self.log("run"), "ab") as out:
             proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE,
