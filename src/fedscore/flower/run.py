@@ -30,7 +30,7 @@ def server_settings(cfg: RunConfig, out: Path, *, resume: bool = False,
 def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
                nodes: int | None = None, tls: bool = False, auth: bool = False,
                resume: bool = False, round_timeout: float = 600.0, node_wait: float = 120.0,
-               stream: bool = True) -> Path:
+               min_replies: int = 1, stream: bool = True) -> Path:
     """Run cfg's federation on Flower; returns the run folder."""
     if not isinstance(cfg.federation, FederationConfig):
         raise FedscoreError("this config has `federation: none`; Flower runs need a "
@@ -48,7 +48,7 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flower-home"
     settings = server_settings(cfg, out, resume=resume, round_timeout=round_timeout,
-                               node_wait=node_wait)
+                               node_wait=node_wait, min_replies=min_replies)
     with Federation(home, nodes=nodes, simulation=deployment == "simulation", sim_nodes=nodes,
                     tls=tls, auth=auth) as fed:
         done = fed.run_app(settings, stream=stream)
