@@ -243,8 +243,10 @@ def flower_run(
     resume: Annotated[bool, typer.Option(help="Continue from the run's checkpoint.")] = False,
     round_timeout: Annotated[float, typer.Option(
         help="Seconds the server waits for a round's replies.")] = 600.0,
+    start_wait: Annotated[float, typer.Option(
+        help="Seconds the server waits for all SuperNodes before round 1.")] = 120.0,
     node_wait: Annotated[float, typer.Option(
-        help="Seconds the server waits for all SuperNodes to connect.")] = 120.0,
+        help="Seconds it waits for missing SuperNodes before later rounds.")] = 10.0,
     min_replies: Annotated[int, typer.Option(
         help="Fewer replies than this and a round leaves the model unchanged.")] = 1,
 ) -> None:
@@ -254,7 +256,7 @@ def flower_run(
     cfg = _config(config, set_, out)
     folder = run_flower(cfg, out or cfg.run_dir(), deployment=deployment, nodes=nodes,
                         tls=tls or auth, auth=auth, resume=resume, round_timeout=round_timeout,
-                        node_wait=node_wait, min_replies=min_replies)
+                        start_wait=start_wait, node_wait=node_wait, min_replies=min_replies)
     typer.echo(f"run folder: {folder}")
 
 

@@ -19,18 +19,19 @@ DEPLOYMENTS = ("loopback", "simulation")
 
 
 def server_settings(cfg: RunConfig, out: Path, *, resume: bool = False,
-                    round_timeout: float = 600.0, node_wait: float = 120.0,
-                    min_replies: int = 1) -> dict:
+                    round_timeout: float = 600.0, start_wait: float = 120.0,
+                    node_wait: float = 10.0, min_replies: int = 1) -> dict:
     """The run config handed to `flwr run` (keys of server_app.ServerSettings)."""
     return {"config": dump_config(cfg), "out": str(Path(out).resolve()), "resume": resume,
-            "round-timeout": float(round_timeout), "node-wait": float(node_wait),
+            "round-timeout": float(round_timeout), "start-wait": float(start_wait),
+            "node-wait": float(node_wait),
             "min-replies": int(min_replies)}
 
 
 def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
                nodes: int | None = None, tls: bool = False, auth: bool = False,
-               resume: bool = False, round_timeout: float = 600.0, node_wait: float = 120.0,
-               min_replies: int = 1, stream: bool = True) -> Path:
+               resume: bool = False, round_timeout: float = 600.0, start_wait: float = 120.0,
+               node_wait: float = 10.0, min_replies: int = 1, stream: bool = True) -> Path:
     """Run cfg's federation on Flower; returns the run folder."""
     if not isinstance(cfg.federation, FederationConfig):
         raise FedscoreError("this config has `federation: none`; Flower runs need a "
@@ -48,7 +49,8 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flower-home"
     settings = server_settings(cfg, out, resume=resume, round_timeout=round_timeout,
-                               node_wait=node_wait, min_replies=min_replies)
+                               start_wait=start_wait, node_wait=node_wait,
+                               min_replies=min_replies)
     with Federation(home, nodes=nodes, simulation=deployment == "simulation", sim_nodes=nodes,
                     tls=tls, auth=auth) as fed:
         done = fed.run_app(settings, stream=stream)

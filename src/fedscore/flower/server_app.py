@@ -44,7 +44,8 @@ class ServerSettings:
     out: str  # the run folder, on the machine that runs the ServerApp
     resume: bool = False
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
-    node_wait: float = 120.0  # seconds to wait for `min_nodes` SuperNodes to connect
+    start_wait: float = 120.0  # seconds to wait for `min_nodes` SuperNodes before round 1
+    node_wait: float = 10.0  # the same wait before later rounds (a dead node may not return)
     min_nodes: int = 0  # 0: all `federation.workers`
     min_replies: int = 1  # fewer replies than this: the round changes nothing (degraded)
     poll: float = 0.5  # seconds between pulls of replies (Flower's own loop: 3 s)
@@ -128,11 +129,12 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
 
     for q in range(start, fed.rounds):
         t0 = time.perf_counter()
-        nodes = wait_for_nodes(grid, need, s.node_wait, s.poll)
+        wait = s.start_wait if q == start else s.node_wait
+        nodes = wait_for_nodes(grid, need, wait, s.poll)
         if len(nodes) < s.min_replies:
             raise FedscoreError(
                 f"round {q + 1}: only {len(nodes)} SuperNode(s) connected after "
-                f"{s.node_wait:g} s (need {s.min_replies}); the checkpoint of round {q} is "
+                f"{wait:g} s (need {s.min_replies}); the checkpoint of round {q} is "
                 f"kept in {str(folder.checkpoint)!r}: start the SuperNodes and resume"
             )
         settings = ConfigRecord({"config": s.config, "round": q})
@@ -172,6 +174,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
 
         degraded = len(arrived) < len(nodes) or len(nodes) < fed.workers
         record = {"round": q + 1, "replies": len(arrived), "workers": sorted(arrived),
+                  "missing_workers": sorted(set(range(fed.workers)) - set(arrived)),
                   "failed": {str(k): v for k, v in failures.items()}, "degraded": degraded}
         if len(arrived) >= s.min_replies:
             new, coverage = federated.finish(params, sums, counts, fed.uncovered)
@@ -197,6 +200,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
         status = "DEGRADED " if degraded else ""
         print(f"[fedscore] {status}round {q + 1}/{fed.rounds}: {len(arrived)}/{len(nodes)} "
               f"replies, loss {record['loss']:.4f}, eq9 {eq9:.4f}, {seconds:.1f} s"
+              + (f"; missing workers {record['missing_workers']}" if degraded else "")
               + (f"; failed: {record['failed']}" if failures else ""), flush=True)
     save_final(folder, params)
     folder.write_json("flower.json", {"rounds": fed.rounds, "gamma_star": gamma_star,
