@@ -91,9 +91,10 @@ def test_two_supernodes_match_the_in_process_engine(tmp_path):
 
 
 def test_flower_simulation_runtime_matches_the_in_process_engine(tmp_path):
-    """Flower's simulation runtime (`flwr run` on a --simulation SuperLink), 2 rounds."""
+    """Flower's simulation runtime (`flwr run` on a --simulation SuperLink), 2 rounds, with
+    Adam's moments kept across rounds (in each node's context state)."""
     pytest.importorskip("ray")
-    cfg = fed_config(tmp_path, "sim", "topk", workers=3)
+    cfg = fed_config(tmp_path, "sim", "topk", workers=3, adam_state="keep")
     out = tmp_path / "flower-sim"
     with Federation(tmp_path / "home", simulation=True, sim_nodes=3) as fed:
         fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=600)

@@ -43,3 +43,20 @@ def test_replies_add_into_sums_and_counts_like_eq_8():
     assert torch.equal(sums["w"], torch.tensor([1.0, 8.0, 7.0, 0.0]))
     assert torch.equal(counts["w"], torch.tensor([1, 2, 1, 0]))
     assert np.array_equal(like["w"].numpy(), np.zeros(4))
+
+
+def test_many_tensors_travel_as_two_arrays_and_seeded_masks_are_regenerated():
+    g = torch.Generator().manual_seed(2)
+    params = {f"t{i}": torch.randn(3, i + 1, generator=g) for i in range(5)}
+    masks = {k: torch.rand(v.shape, generator=g) > 0.5 for k, v in params.items()}
+    masks["t0"][:] = True
+    arrays, kinds = payload.encode(params, masks)
+    assert set(arrays) == {"values", "mask"} and kinds["t0"] == "full"
+    values, back = payload.decode(arrays, kinds, params)
+    for k in params:
+        assert torch.equal(back[k], masks[k])
+        assert torch.equal(values[k], torch.where(masks[k], params[k], 0))
+    seeded, kinds = payload.encode(params, masks, seeded=True)
+    assert set(seeded) == {"values"}
+    _, again = payload.decode(seeded, kinds, params, regenerate=masks)
+    assert all(torch.equal(again[k], masks[k]) for k in params)

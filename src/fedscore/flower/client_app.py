@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedscore.flower import payload
-from fedscore.flower.records import arrays_to_tensors, tensors_to_record
+from fedscore.flower.records import flat_record, from_flat_record
 from fedscore.runs.config import config_from_text
 
 app = ClientApp()
@@ -65,16 +65,16 @@ def train(msg: Message, context: Context) -> Message:
     pid = node_identity(dict(context.node_config), cfg.federation.workers)
     torch.set_num_threads(int(context.node_config.get("threads", 1)))
     f = prepare(cfg, own_data=_own_data(cfg, dict(context.node_config)))
-    params = arrays_to_tensors(msg.content["global"], f.init_params)
+    params = from_flat_record(msg.content["global"], f.init_params)
 
     opt_state = None
-    if "adam" in context.state and cfg.federation.adam_state == "keep":
-        opt_state = _unflatten_state(arrays_to_tensors(context.state["adam"]))
+    if "adam-m" in context.state and cfg.federation.adam_state == "keep":
+        opt_state = _load_state(context.state, f.init_params)
     t0 = time.perf_counter()
     theta, mask, state, losses = worker_round(f, params, q, pid, opt_state)
     seconds = time.perf_counter() - t0
     if state is not None and cfg.federation.adam_state == "keep":
-        context.state["adam"] = tensors_to_record(_flatten_state(state))
+        _store_state(context.state, state)
 
     seeded = cfg.federation.policy == "random"  # the server regenerates random masks
     arrays, kinds = payload.encode(theta, mask, seeded=seeded)
@@ -90,14 +90,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _flatten_state(state: dict) -> dict[str, torch.Tensor]:
-    out = {f"m/{k}": v for k, v in state["m"].items()}
-    out |= {f"v/{k}": v for k, v in state["v"].items()}
-    out["step"] = state["step"].reshape(1)
-    return out
+def _store_state(store: RecordDict, state: dict) -> None:
+    """This worker's Adam moments, kept in the SuperNode's context between rounds."""
+    store["adam-m"] = flat_record(state["m"])
+    store["adam-v"] = flat_record(state["v"])
+    store["adam-step"] = ConfigRecord({"step": int(state["step"])})
 
 
-def _unflatten_state(tensors: dict[str, torch.Tensor]) -> dict:
-    return {"m": {k[2:]: v for k, v in tensors.items() if k.startswith("m/")},
-            "v": {k[2:]: v for k, v in tensors.items() if k.startswith("v/")},
-            "step": tensors["step"].reshape(())}
+def _load_state(store: RecordDict, like: dict[str, torch.Tensor]) -> dict:
+    return {"m": from_flat_record(store["adam-m"], like),
+            "v": from_flat_record(store["adam-v"], like),
+            "step": torch.tensor(int(store["adam-step"]["step"]))}

@@ -6,8 +6,8 @@ regenerate the mask from its seed (random masks). A full mask costs no bits. The
 turns replies straight into eq. 8's sums and counts; it never builds a dense copy of a
 pruned worker's model.
 
-Arrays are numpy (what Flower's ArrayRecord carries); names are "<tensor>/values" and
-"<tensor>/mask".
+Arrays are numpy (what Flower's ArrayRecord carries): "values" and "mask", each the
+concatenation over tensors in sorted-name order.
 """
 
 from __future__ import annotations
@@ -23,43 +23,79 @@ BITS = "bits"
 SEEDED = "seeded"
 
 
+def _order(tensors: dict) -> list[str]:
+    """The agreed order of tensors in a payload: sorted names (as masks are built)."""
+    return sorted(tensors)
+
+
 def encode(
     params: dict[str, Tensor], masks: dict[str, Tensor], *, seeded: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(arrays, mask kinds): kept values per tensor plus, unless full or seeded, packed bits."""
-    arrays: dict[str, np.ndarray] = {}
+    """(arrays, mask kinds). arrays["values"]: every tensor's kept values, concatenated in
+    sorted-name order; arrays["mask"]: the packed bits of the masks of kind "bits", also
+    concatenated (absent when there are none). Two arrays per reply whatever the number of
+    tensors: Flower moves every array as its own object, and a U-Net has hundreds."""
+    values, bits = [], []
     kinds: dict[str, str] = {}
-    for name, value in params.items():
+    for name in _order(params):
         m = masks[name].reshape(-1)
-        flat = value.detach().reshape(-1)
-        arrays[f"{name}/values"] = flat[m].cpu().numpy()
+        values.append(params[name].detach().reshape(-1)[m].cpu())
         if bool(m.all()):
             kinds[name] = FULL
         elif seeded:
             kinds[name] = SEEDED
         else:
             kinds[name] = BITS
-            arrays[f"{name}/mask"] = np.packbits(m.cpu().numpy().astype(np.uint8))
+            bits.append(m.cpu())
+    arrays = {"values": torch.cat(values).numpy()}
+    if bits:
+        arrays["mask"] = np.packbits(torch.cat(bits).numpy().astype(np.uint8))
     return arrays, kinds
 
 
-def decode_mask(
-    arrays: dict[str, np.ndarray], kinds: dict[str, str], name: str, shape: tuple[int, ...],
+def decode_masks(
+    arrays: dict[str, np.ndarray], kinds: dict[str, str], like: dict[str, Tensor],
     regenerate: dict[str, Tensor] | None = None,
-) -> Tensor:
-    """The bool mask of tensor `name` from a payload (`regenerate` supplies seeded masks)."""
-    numel = int(np.prod(shape)) if shape else 1
-    kind = kinds.get(name)
-    if kind == FULL:
-        return torch.ones(shape, dtype=torch.bool)
-    if kind == BITS:
-        bits = np.unpackbits(arrays[f"{name}/mask"], count=numel).astype(bool)
-        return torch.from_numpy(bits).reshape(shape)
-    if kind == SEEDED:
-        if regenerate is None or name not in regenerate:
-            raise FedscoreError(f"payload mask of {name!r} is seeded but no seed was given")
-        return regenerate[name]
-    raise FedscoreError(f"payload has no mask kind for tensor {name!r}")
+) -> dict[str, Tensor]:
+    """Every tensor's bool mask from a payload (`regenerate` supplies seeded masks)."""
+    names = _order(like)
+    missing = [k for k in names if k not in kinds]
+    if missing:
+        raise FedscoreError(f"payload has no mask kind for tensor(s) {missing}")
+    n_bits = sum(like[k].numel() for k in names if kinds[k] == BITS)
+    flat = (np.unpackbits(arrays["mask"], count=n_bits).astype(bool) if n_bits
+            else np.zeros(0, dtype=bool))
+    if n_bits and len(flat) != n_bits:
+        raise FedscoreError(f"payload mask holds {len(flat)} bits, the model needs {n_bits}")
+    masks, at = {}, 0
+    for name in names:
+        shape = tuple(like[name].shape)
+        kind = kinds[name]
+        if kind == FULL:
+            masks[name] = torch.ones(shape, dtype=torch.bool)
+        elif kind == BITS:
+            size = like[name].numel()
+            masks[name] = torch.from_numpy(flat[at:at + size].copy()).reshape(shape)
+            at += size
+        elif kind == SEEDED:
+            if regenerate is None or name not in regenerate:
+                raise FedscoreError(f"payload mask of {name!r} is seeded but no seed was given")
+            masks[name] = regenerate[name].reshape(shape)
+        else:
+            raise FedscoreError(f"payload mask kind {kind!r} of {name!r} is unknown")
+    return {k: masks[k] for k in like}
+
+
+def _kept_values(arrays, masks: dict[str, Tensor], like: dict[str, Tensor]):
+    """Split arrays["values"] per tensor (sorted-name order), checking the count."""
+    values = torch.from_numpy(np.asarray(arrays["values"]))
+    names = _order(like)
+    counts = [int(masks[k].sum()) for k in names]
+    if values.numel() != sum(counts):
+        raise FedscoreError(
+            f"payload holds {values.numel()} values but its masks keep {sum(counts)}"
+        )
+    return dict(zip(names, values.split(counts)))
 
 
 def decode(
@@ -68,18 +104,13 @@ def decode(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(values scattered into zeros, masks): the worker's sparse model made dense. Used by
     tests and by servers that prefer it; the aggregation path uses `add_to_sums`."""
-    values, masks = {}, {}
+    masks = decode_masks(arrays, kinds, like, regenerate)
+    kept = _kept_values(arrays, masks, like)
+    values = {}
     for name, ref in like.items():
-        m = decode_mask(arrays, kinds, name, tuple(ref.shape), regenerate)
         v = torch.zeros(ref.numel(), dtype=ref.dtype)
-        kept = torch.from_numpy(np.asarray(arrays[f"{name}/values"])).to(ref.dtype)
-        if kept.numel() != int(m.sum()):
-            raise FedscoreError(
-                f"payload for {name!r} holds {kept.numel()} values but its mask keeps "
-                f"{int(m.sum())}"
-            )
-        v[m.reshape(-1)] = kept
-        values[name], masks[name] = v.reshape(ref.shape), m
+        v[masks[name].reshape(-1)] = kept[name].to(ref.dtype)
+        values[name] = v.reshape(ref.shape)
     return values, masks
 
 
@@ -87,14 +118,16 @@ def add_to_sums(
     sums: dict[str, Tensor], counts: dict[str, Tensor],
     arrays: dict[str, np.ndarray], kinds: dict[str, str],
     regenerate: dict[str, Tensor] | None = None,
-) -> None:
-    """Add one reply into eq. 8's running sums and counts, in place (mergeable statistic)."""
+) -> dict[str, Tensor]:
+    """Add one reply into eq. 8's running sums and counts, in place (mergeable statistic);
+    returns the reply's masks."""
+    masks = decode_masks(arrays, kinds, sums, regenerate)
+    kept = _kept_values(arrays, masks, sums)
     for name in sums:
-        m = decode_mask(arrays, kinds, name, tuple(sums[name].shape), regenerate).reshape(-1)
-        kept = torch.from_numpy(np.asarray(arrays[f"{name}/values"])).to(sums[name].dtype)
-        flat = sums[name].view(-1)
-        flat[m] += kept
+        m = masks[name].reshape(-1)
+        sums[name].view(-1)[m] += kept[name].to(sums[name].dtype)
         counts[name].view(-1)[m] += 1
+    return masks
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedscore import federated
 from fedscore.errors import FedscoreError
 from fedscore.flower import payload
-from fedscore.flower.records import record_to_numpy, tensors_to_record
+from fedscore.flower.records import flat_record, record_to_numpy
 
 app = ServerApp()
 
@@ -138,7 +138,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
                 f"kept in {str(folder.checkpoint)!r}: start the SuperNodes and resume"
             )
         settings = ConfigRecord({"config": s.config, "round": q})
-        model_record = tensors_to_record(params)
+        model_record = flat_record(params)
         messages = [
             Message(RecordDict({"global": model_record, "settings": settings}),
                     dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(q))
@@ -163,9 +163,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
                 from fedscore.runs.federated import worker_masks
 
                 regen = {k: v[0] for k, v in worker_masks(f, params, q, [pid]).items()}
-            payload.add_to_sums(sums, counts, arrays, kinds, regen)
-            masks.append({k: payload.decode_mask(arrays, kinds, k, tuple(v.shape), regen)
-                          for k, v in params.items()})
+            masks.append(payload.add_to_sums(sums, counts, arrays, kinds, regen))
             metrics = reply.content["metrics"]
             arrived.append(pid)
             losses.append(float(metrics["loss"]))
