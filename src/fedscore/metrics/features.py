@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedscore.cache import cache_root  # noqa: F401  (public here since the evaluation issue)
 from fedscore.errors import FedscoreError
 from fedscore.metrics.stats import FeatureStats
 
@@ -72,14 +73,6 @@ ACCURACY_FLOORS: dict[str, float] = {
     "cifar10": 0.60,
     "svhn": 0.85,
 }
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $FEDSCORE_CACHE, else ~/.cache/fedscore."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("FEDSCORE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fedscore"
 
 
 class SmallCNN(nn.Module):
