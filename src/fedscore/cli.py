@@ -194,7 +194,7 @@ def reproduce_fi(
     dataset: Annotated[str, typer.Option(help="Dataset (bundled: mnist5k, digits).")] = "mnist5k",
     out: Annotated[Path, typer.Option(help="Folder of the agents and the report.")] = Path(
         "runs/federated-inference"),
-    budget: Annotated[str, typer.Option(help="cpu (~10 min) or quick (seconds).")] = "cpu",
+    budget: Annotated[str, typer.Option(help="cpu (~25 min) or quick (seconds).")] = "cpu",
     seed: int = 0,
 ) -> None:
     """The FI paper's experiment: three regimes x four aggregators, IS/FID/unrecognisable."""
@@ -210,7 +210,7 @@ def reproduce_pruning(
     dataset: Annotated[str, typer.Option(help="Dataset (bundled: mnist5k, digits).")] = "mnist5k",
     out: Annotated[Path, typer.Option(help="Folder of the eight runs and the report.")] = Path(
         "runs/pruning"),
-    budget: Annotated[str, typer.Option(help="cpu (~10 min) or quick (seconds).")] = "cpu",
+    budget: Annotated[str, typer.Option(help="cpu (~7 min) or quick (seconds).")] = "cpu",
     seed: int = 0,
 ) -> None:
     """The pruning paper's experiment: {Random, Top-k} x levels {F, L, M, S}."""

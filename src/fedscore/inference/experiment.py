@@ -63,7 +63,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # ~10 minutes for mnist5k on this project's shared 2-core CPU (one torch thread):
+    # ~24 minutes for mnist5k on this project's 2-core CPU (measured 2026-11-22, BENCHMARKS.md):
     # 21 agents x 100 steps. Smoke scale: agents this brief draw no recognisable digits.
     "cpu": Budget(steps=100, batch_size=16, lr=2e-3, n_agents=10, n_per_label=5,
                   sample_steps=25, diag_inputs=10, model_options={"base": 16},
