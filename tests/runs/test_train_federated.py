@@ -59,6 +59,13 @@ def test_every_round_logs_losses_and_pruning_statistics(tmp_path):
     assert state["round"] == 2
 
 
+def test_eval_every_evaluates_held_out_eq9_on_schedule_and_at_the_end(tmp_path):
+    result = train_federated(fed_cfg(tmp_path, "sparse", 5, eval_every=2), progress=False)
+    evaluated = [r["round"] for r in result.folder.metrics() if r["eq9_heldout"] is not None]
+    assert evaluated == [2, 4, 5]
+    assert math.isfinite(result.eq9)
+
+
 def test_divergence_names_the_round_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = fed_cfg(tmp_path, "nan", 1, optimizer="sgd")
     train_federated(cfg, progress=False)

@@ -12,14 +12,23 @@ from fedscore.diffusion.losses import (
     to_score,
 )
 from fedscore.diffusion.samplers import SAMPLERS, prior, sample
-from fedscore.diffusion.sde import conditional_score, marginal, perturb, sigma
+from fedscore.diffusion.sde import (
+    clip_denoised,
+    conditional_score,
+    denoised,
+    marginal,
+    perturb,
+    sigma,
+)
 
 __all__ = [
     "GRIDS",
     "PARAMETERISATIONS",
     "SAMPLERS",
     "WEIGHTINGS",
+    "clip_denoised",
     "conditional_score",
+    "denoised",
     "draw_noise",
     "dsm_loss",
     "eq9_value",

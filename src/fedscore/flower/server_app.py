@@ -184,7 +184,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
         else:
             record |= {"loss": float("nan"), "note": "too few replies: model unchanged"}
         f.model.load_state_dict(params, strict=False)
-        eq9 = eval_eq9(cfg, f.model, eval_x, eval_y, f.times)
+        eq9 = eval_eq9(cfg, f.model, eval_x, eval_y, f.times) if fed.eval_due(q) else None
         seconds = time.perf_counter() - t0
         record |= {
             "eq9_heldout": eq9, "gamma_star": gamma_star, "seconds": seconds,
@@ -197,7 +197,8 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
         save_round(folder, params, q + 1, gamma_star)
         status = "DEGRADED " if degraded else ""
         print(f"[fedscore] {status}round {q + 1}/{fed.rounds}: {len(arrived)}/{len(nodes)} "
-              f"replies, loss {record['loss']:.4f}, eq9 {eq9:.4f}, {seconds:.1f} s"
+              f"replies, loss {record['loss']:.4f}"
+              + (f", eq9 {eq9:.4f}" if eq9 is not None else "") + f", {seconds:.1f} s"
               + (f"; missing workers {record['missing_workers']}" if degraded else "")
               + (f"; failed: {record['failed']}" if failures else ""), flush=True)
     save_final(folder, params)

@@ -82,6 +82,9 @@ class SampleConfig(Strict):
     grid: Literal["uniform", "exponential", "ddpm-linear"] = "exponential"
     steps: int = Field(100, ge=1)
     n: int = Field(2000, ge=1)
+    clip_denoised: bool = False
+    """Clip the denoised estimate of x_0 to [-1, 1] at every step (diffusion.clip_denoised;
+    images only)."""
 
 
 class PartitionConfig(Strict):
@@ -113,6 +116,13 @@ class FederationConfig(Strict):
     uncovered: Literal["keep", "zero", "error"] = "keep"
     strategy: Literal["auto", "vmap", "chunked", "sequential"] = "auto"
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    eval_every: int = Field(1, ge=1)
+    """Rounds between held-out eq. 9 evaluations (the last round is always evaluated); each
+    costs about as much as a few local steps of every worker."""
+
+    def eval_due(self, q: int) -> bool:
+        """Is held-out eq. 9 evaluated after round q (0-based)?"""
+        return (q + 1) % self.eval_every == 0 or q + 1 == self.rounds
 
     @model_validator(mode="after")
     def _check_ratios(self):

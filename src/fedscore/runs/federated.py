@@ -276,7 +276,7 @@ def train_federated(
         gamma_star = stats["min_coverage"] if gamma_star is None else min(
             gamma_star, stats["min_coverage"])
         model.load_state_dict(params, strict=False)
-        eq9 = eval_eq9(cfg, model, eval_x, eval_y, f.times)
+        eq9 = eval_eq9(cfg, model, eval_x, eval_y, f.times) if fed.eval_due(q) else None
         loss_value = sum(per_worker) / len(per_worker)
         seconds = time.perf_counter() - t0
         record = {"round": q + 1, "loss": loss_value, "worker_loss": per_worker,

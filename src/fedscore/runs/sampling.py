@@ -50,8 +50,11 @@ def sample_model(
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         y = labels[start : start + m] if labels is not None else None
         x_T = diffusion.prior((m, *sample_shape), generator=g)
+        score_fn = model_score_fn(model, cfg, y)
+        if cfg.sample.clip_denoised:
+            score_fn = diffusion.clip_denoised(score_fn)
         out.append(
-            diffusion.sample(model_score_fn(model, cfg, y), x_T, times, cfg.sample.method,
-                             generator=g, progress=progress)
+            diffusion.sample(score_fn, x_T, times, cfg.sample.method, generator=g,
+                             progress=progress)
         )
     return torch.cat(out)
