@@ -166,13 +166,37 @@ def agents_train(
     regime: Annotated[str, typer.Option(
         help="control (one agent, all data), homogeneous or heterogeneous.")] = "heterogeneous",
     agents: Annotated[int, typer.Option(help="Number of agents.")] = 10,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and stop.")] = False,
 ) -> None:
     """Train K class-conditional agents, each alone on its partition (FI paper §4.1)."""
     from fedscore.inference import train_agents
+    from fedscore.runs.config import dump_config
 
     cfg = _config(config, set_, out)
+    if dry_run:
+        typer.echo(dump_config(cfg), nl=False)
+        return
     for run_dir in train_agents(cfg, regime, out, n_agents=agents):
         typer.echo(f"agent: {run_dir}")
+
+
+@agents_app.command("sample")
+def agents_sample(
+    run_dirs: Annotated[list[Path], typer.Argument(help="The agents' run folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for samples.npz and samples.png.")] = Path(
+        "runs/fi-samples"),
+    aggregator: Annotated[str, typer.Option(help="mean, weighted, hybrid or mixture.")] = (
+        "mixture"),
+    per_label: Annotated[int, typer.Option(help="Samples per label.")] = 10,
+    steps: Annotated[int, typer.Option(help="Exponential-integrator steps.")] = 100,
+    seed: int = 0,
+) -> None:
+    """Federated inference: sample with the agents combined at every reverse step."""
+    from fedscore.inference import sample_agents
+
+    paths = sample_agents(run_dirs, out, aggregator=aggregator, per_label=per_label,
+                          steps=steps, seed=seed)
+    typer.echo(f"samples: {paths['samples']}\nfigure:  {paths['figure']}")
 
 
 @agents_app.command("diagnose")
@@ -275,15 +299,19 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder of the demo.")] = Path(
         "runs/demo"
     ),
-    quick: Annotated[bool, typer.Option(help="A smoke-test budget (seconds, not minutes).")] = (
+    quick: Annotated[bool, typer.Option(help="A smoke-test budget (under 2 minutes).")] = (
         False
     ),
 ) -> None:
-    """The main job on bundled data: trains, samples, evaluates and writes a report."""
+    """The main job on mnist5k: a 10-worker federation with top-k pruning (level M) and
+    federated inference (mean, mixture) on the same silos, evaluated in one report."""
     from fedscore.demo import run_demo
+    from fedscore.demo.report import seconds_text
 
-    report = run_demo(out, quick=quick)
-    typer.echo(f"report: {report}")
+    result = run_demo(out, quick=quick, echo=typer.echo)
+    typer.echo(f"report: {result.report}")
+    typer.echo(f"html:   {result.html}")
+    typer.echo(f"total wall time: {seconds_text(result.seconds)}")
 
 
 def main() -> None:

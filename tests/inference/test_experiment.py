@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from fedscore.errors import FedscoreError
 from fedscore.inference import train_agents
@@ -14,9 +15,11 @@ from fedscore.inference.experiment import (
     BUDGETS,
     diagnose_agents,
     reproduce_federated_inference,
+    sample_agents,
     verdict,
 )
 from fedscore.runs.config import load_config
+from fedscore.runs.evaluate import load_samples
 
 
 def row(regime, aggregator, fid, unrecognisable):
@@ -37,8 +40,8 @@ def test_unknown_budget_is_a_clear_error(tmp_path):
         reproduce_federated_inference("digits", tmp_path, budget="huge", progress=False)
 
 
-def test_diagnose_agents_writes_the_papers_table_for_any_aggregator(tmp_path):
-    cfg = load_config(
+def tiny_agents_config(tmp_path):
+    return load_config(
         None, name="agents", out_dir=str(tmp_path), data={"name": "digits"},
         model={"kind": "unet", "conditional": True, "options": {"base": 8, "groups": 4}},
         diffusion={"grid": "exponential", "steps": 10, "T": 5.0, "delta": 1e-3},
@@ -46,6 +49,10 @@ def test_diagnose_agents_writes_the_papers_table_for_any_aggregator(tmp_path):
                "eval_batch": 4},
         sample={"steps": 2},
     )
+
+
+def test_diagnose_agents_writes_the_papers_table_for_any_aggregator(tmp_path):
+    cfg = tiny_agents_config(tmp_path)
     dirs = train_agents(cfg, "heterogeneous", tmp_path / "het", n_agents=2, progress=False)
     md = diagnose_agents(dirs, tmp_path / "diag", aggregator="weighted", n_inputs=3)
     with open(tmp_path / "diag" / "diagnostics-weighted.csv") as f:
@@ -88,3 +95,19 @@ def test_quick_reproduction_writes_report_grids_and_diagnostics(tmp_path):
     # the heterogeneous agents' counts are what the server weighted by: 50% own digit
     het = results["class_counts"]["heterogeneous"]
     assert all(c[j] * 2 == sum(c) for j, c in enumerate(het))
+
+
+def test_sample_agents_writes_samples_fedscore_evaluate_can_read(tmp_path):
+    cfg = tiny_agents_config(tmp_path)
+    dirs = train_agents(cfg, "heterogeneous", tmp_path / "het", n_agents=2, progress=False)
+    paths = sample_agents(dirs, tmp_path / "fi", aggregator="mixture", per_label=2, steps=3,
+                          seed=5, progress=False)
+    x, labels = load_samples(paths["samples"], (1, 8, 8))
+    assert x.shape == (20, 1, 8, 8) and bool(torch.isfinite(x).all())
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)]  # one row per label
+    assert paths["figure"].is_file()
+    again = sample_agents(dirs, tmp_path / "fi2", aggregator="mixture", per_label=2, steps=3,
+                          seed=5, progress=False)  # seeded: the same samples
+    assert torch.equal(load_samples(again["samples"], (1, 8, 8))[0], x)
+    with pytest.raises(FedscoreError, match="aggregator"):
+        sample_agents(dirs, tmp_path / "bad", aggregator="median", progress=False)

@@ -18,7 +18,12 @@ from fedscore.inference.aggregators import (
     stack_scores,
     step_schedule,
 )
-from fedscore.inference.experiment import BUDGETS, diagnose_agents, reproduce_federated_inference
+from fedscore.inference.experiment import (
+    BUDGETS,
+    diagnose_agents,
+    reproduce_federated_inference,
+    sample_agents,
+)
 
 __all__ = [
     "AGGREGATORS",
@@ -35,6 +40,7 @@ __all__ = [
     "load_agents",
     "read_class_counts",
     "reproduce_federated_inference",
+    "sample_agents",
     "stack_scores",
     "step_schedule",
     "train_agents",

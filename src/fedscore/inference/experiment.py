@@ -93,16 +93,55 @@ def base_config(dataset: str, out: Path, budget: Budget, seed: int):
     )
 
 
-def sample_with(agents, aggregator: str, labels: Tensor, times: Tensor, shape, seed: int):
+def sample_with(agents, aggregator: str, labels: Tensor, times: Tensor, shape, seed: int, *,
+                method: str = SAMPLER, clip: bool = False, progress: bool = False):
     """(B, ...) samples for `labels` with K agents combined by `aggregator`; every
-    aggregator starts from the same noise and generator state for the same seed. Also
-    returns the aggregator (the mixture's final weights are read from it)."""
+    aggregator starts from the same noise and generator state for the same seed. `clip`:
+    each agent's denoised estimate clipped to [-1, 1] (diffusion.clip_denoised; the
+    combination of clipped agents stays in range, its weights summing to one). Also returns
+    the aggregator (the mixture's final weights are read from it)."""
     bound = agents.with_labels(labels)
+    if clip:
+        bound = diffusion.clip_denoised(bound)
     weights = agents.weights_for(labels) if aggregator != "mean" else None
     score_fn = combine(bound, aggregator, weights=weights)
     g = torch.Generator().manual_seed(seed)
     x_T = diffusion.prior((len(labels), *shape), generator=g)
-    return diffusion.sample(score_fn, x_T, times, SAMPLER, generator=g), score_fn
+    x = diffusion.sample(score_fn, x_T, times, method, generator=g, progress=progress)
+    return x, score_fn
+
+
+def sample_agents(run_dirs, out: str | Path, *, aggregator: str = "mixture",
+                  per_label: int = 10, steps: int = 100, seed: int = 0,
+                  progress: bool = True) -> dict[str, Path]:
+    """Federated inference from trained agents' run folders: `per_label` samples of every
+    label, the agents combined by `aggregator` at each of `steps` exponential-integrator
+    steps on the agents' sampling grid (their config's `sample.grid` over [delta, T]).
+    Writes `samples.npz` (as `fedscore sample` does, so `fedscore evaluate AGENT_DIR
+    --samples` scores it) and `samples.png` (one row per label) into `out`; returns their
+    paths."""
+    from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
+    from fedscore.runs.plots import image_grid
+    from fedscore.runs.sampling import sampling_grid
+
+    if aggregator not in AGGREGATOR_NAMES:
+        raise unknown("aggregator", aggregator, AGGREGATOR_NAMES)
+    if per_label < 1 or steps < 1:
+        raise FedscoreError(f"per_label and steps must be positive, got {per_label}, {steps}")
+    agents = load_agents(run_dirs)
+    cfg = agents.config
+    info = datasets.info(cfg.data.name)
+    labels = torch.arange(info.classes).repeat_interleave(per_label)
+    times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
+        update={"steps": steps})}))
+    x, _ = sample_with(agents, aggregator, labels, times, tuple(info.shape), seed,
+                       progress=progress)
+    out = Path(out)
+    npz = write_samples(out / SAMPLES, x, labels, seed)
+    figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
+                        title=f"federated inference ({aggregator}, {len(run_dirs)} agents): "
+                              "one row per label")
+    return {"samples": npz, "figure": Path(figure)}
 
 
 def evaluate(images: Tensor, labels: Tensor, extractor, real_stats) -> dict:

@@ -96,18 +96,7 @@ def sample_run(
     samples = sample_model(model, cfg, n, seed=seed, labels=labels,
                            sample_shape=tuple(info.shape), progress=progress)
     folder = Path(out) if out is not None else Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"samples": samples.detach().cpu().numpy().astype(np.float32),
-              "seed": np.int64(seed)}
-    if labels is not None:
-        arrays["labels"] = labels.numpy().astype(np.int64)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file handle: np.savez would append ".npz" to a name
-            np.savez(fh, **arrays)
-
-    npz = folder / SAMPLES
-    atomic_write(npz, write)
+    npz = write_samples(folder / SAMPLES, samples, labels, seed)
     figure = folder / FIGURE
     if _is_toy(cfg):
         exact = _mixture(cfg).sample(n, generator=torch.Generator().manual_seed(seed + 1))
@@ -118,6 +107,25 @@ def sample_run(
         title = f"{cfg.name}: samples" + (" (one column per class)" if labels is not None else "")
         image_grid(shown, figure, nrow=ncol, title=title)
     return {"samples": npz, "figure": figure}
+
+
+def write_samples(path: str | os.PathLike, samples: Tensor, labels: Tensor | None,
+                  seed: int) -> Path:
+    """Atomically write a samples.npz as `load_samples` reads it: `samples` float32,
+    `labels` int64 (class-conditional only), `seed`."""
+    arrays = {"samples": samples.detach().cpu().numpy().astype(np.float32),
+              "seed": np.int64(seed)}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy().astype(np.int64)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file handle: np.savez would append ".npz" to a name
+            np.savez(fh, **arrays)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    return path
 
 
 def load_samples(path: str | os.PathLike, sample_shape: tuple[int, ...]
@@ -253,7 +261,7 @@ def evaluate_run(
         result |= image_metrics(cfg, x, labels, seed=seed, progress=progress)
         if inception_weights is not None:
             result |= inception_metrics(inception, cfg, x, seed=seed, progress=progress)
-    result = _finite(result)
+    result = json_safe(result)
     atomic_write_text(run_dir / EVAL, json.dumps(result, indent=2))
     return result
 
@@ -385,12 +393,12 @@ def toy_metrics(run_dir: Path, cfg: RunConfig, x: Tensor, labels: Tensor | None,
     return out
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe: NaN and infinities become None (strict JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
