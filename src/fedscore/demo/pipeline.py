@@ -256,7 +256,7 @@ def run_demo(out: str | Path = Path("runs/demo"), *, quick: bool = False,
     from fedscore.metrics import get_extractor
     from fedscore.runs.federated import keep_ratios
     from fedscore.runs.plots import image_grid
-    from fedscore.runs.sampling import model_score_fn
+    from fedscore.runs.sampling import model_score_fn, sampling_grid
 
     budget = budget or ("quick" if quick else "full")
     if isinstance(budget, str):
@@ -294,8 +294,7 @@ def run_demo(out: str | Path = Path("runs/demo"), *, quick: bool = False,
     info = datasets.info(DATASET)
     shape = tuple(info.shape)
     labels = torch.arange(info.classes).repeat_interleave(b.n_per_label)
-    times = diffusion.time_grid("exponential", b.sample_steps, T=fed_cfg.diffusion.T,
-                                delta=fed_cfg.diffusion.delta)
+    times = sampling_grid(fed_cfg)  # its sample section holds the budget's grid and steps
     sample_seed = 1000 + seed
     sets = {"federated model": draw(model_score_fn(model, fed_cfg, labels), labels, times,
                                     shape, sample_seed, progress=progress)}
@@ -319,7 +318,9 @@ def run_demo(out: str | Path = Path("runs/demo"), *, quick: bool = False,
         rows.append(row)
         grids[what] = image_grid(x.clamp(-1, 1), out / "grids" / f"{i}-{_slug(what)}.png",
                                  nrow=b.n_per_label, title=f"{what}: one row per digit")
-    rows[2]["mixture_max_weight"] = float(mixture.weights_now().max(1).values.mean())
+    by_name = {r["samples"]: r for r in rows}
+    by_name["federated inference, mixture"]["mixture_max_weight"] = float(
+        mixture.weights_now().max(1).values.mean())
     clock.lap("evaluation")
 
     echo("[5/5] report")
