@@ -70,8 +70,8 @@ from torch import Tensor, nn
 
 from fedscore import data as datasets
 from fedscore import diffusion, federated
+from fedscore.federated.setup import draw_batches
 from fedscore.models import build_model, count_params
-from fedscore.runs.federated import draw_batches
 
 WORKERS = 10
 BATCH = 32

@@ -6,6 +6,10 @@ class FedscoreError(ValueError):
     says what is wrong and how to fix it."""
 
 
+class DivergenceError(FedscoreError):
+    """A loss or the model became NaN or infinite; the last good checkpoint is kept."""
+
+
 def unknown(kind: str, name: object, allowed) -> FedscoreError:
     """The error for a name that is not one of `allowed`."""
     return FedscoreError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(allowed))}")

@@ -1,5 +1,5 @@
 """Flower on loopback with real processes: a SuperLink and SuperNodes on 127.0.0.1, `flwr
-run` against them. Every process a test starts is stopped by its PID (the `Federation`
+run` against them. Every process a test starts is stopped by its PID (the `LocalFlowerCluster`
 context manager), even when the test fails."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedscore.flower.launch import Federation
+from fedscore.flower.launch import LocalFlowerCluster
 from fedscore.flower.run import server_settings
 from fedscore.runs.checkpoint import load_checkpoint
 from fedscore.runs.config import load_config
@@ -77,7 +77,7 @@ def test_two_supernodes_match_the_in_process_engine(tmp_path):
     """2 rounds on a SuperLink + 2 SuperNodes == the in-process engine (same seeds,
     partitions, masks), for top-k and random masks. The top-k run is stopped after round 1
     and resumed from the server's checkpoint."""
-    with Federation(tmp_path / "home", nodes=2) as fed:
+    with LocalFlowerCluster(tmp_path / "home", nodes=2) as fed:
         cfg = fed_config(tmp_path, "eq-topk", "topk")
         out = tmp_path / "flower-topk"
         first = fed_config(tmp_path, "eq-topk", "topk", rounds=1)
@@ -103,7 +103,7 @@ def test_flower_simulation_runtime_matches_the_in_process_engine(tmp_path):
     pytest.importorskip("ray")
     cfg = fed_config(tmp_path, "sim", "topk", workers=3, adam_state="keep")
     out = tmp_path / "flower-sim"
-    with Federation(tmp_path / "home", simulation=True, sim_nodes=3) as fed:
+    with LocalFlowerCluster(tmp_path / "home", simulation=True, sim_nodes=3) as fed:
         fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=600)
     assert_same_run(out, cfg)
 
@@ -113,7 +113,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_continues(tmp_path):
     replies that arrive, round 3 runs, the log says what happened, the checkpoint loads."""
     cfg = fed_config(tmp_path, "fault", "topk", workers=3, rounds=3)
     out = tmp_path / "flower-fault"
-    with Federation(tmp_path / "home", nodes=3) as fed:
+    with LocalFlowerCluster(tmp_path / "home", nodes=3) as fed:
         settings = server_settings(cfg, out, round_timeout=150)
         result = {}
         thread = threading.Thread(
@@ -146,7 +146,7 @@ def test_tls_and_supernode_authentication(tmp_path):
     plaintext client cannot connect."""
     cfg = fed_config(tmp_path, "secure", "topk", rounds=1)
     out = tmp_path / "flower-secure"
-    with Federation(tmp_path / "home", nodes=2, tls=True, auth=True) as fed:
+    with LocalFlowerCluster(tmp_path / "home", nodes=2, tls=True, auth=True) as fed:
         done = fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=600)
         assert (out / "flower.json").is_file(), done.stdout[-3000:]
         assert records(out)[0]["replies"] == 2

@@ -6,9 +6,9 @@ import torch
 
 from fedscore import data as datasets
 from fedscore import federated
+from fedscore.federated.setup import prepare, worker_round
 from fedscore.flower.client_app import node_identity
 from fedscore.runs.config import load_config
-from fedscore.runs.federated import prepare, round_batches, worker_masks, worker_round
 
 
 def cfg(**fed):
@@ -32,8 +32,8 @@ def test_worker_round_is_the_engines_worker():
     c = cfg(strategy="sequential")
     f = prepare(c)
     params = f.init_params
-    masks = worker_masks(f, params, 0, [0, 1, 2])
-    new, *_ = federated.run_round(params, masks, round_batches(f, 0, [0, 1, 2]), f.loss_fn,
+    masks = f.masks(params, 0, [0, 1, 2])
+    new, *_ = federated.run_round(params, masks, f.batches(0, [0, 1, 2]), f.loss_fn,
                                   lr=c.federation.lr, optimizer=c.federation.optimizer,
                                   strategy="sequential")
     thetas, ms = [], []

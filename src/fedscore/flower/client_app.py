@@ -3,9 +3,16 @@
 Flower's Message API (`@app.train()`), not the deprecated NumPyClient path. The worker
 learns who it is from Flower's node config (`partition-id`, `num-partitions`, what Flower's
 simulation engine sets and what `flower-supernode --node-config` passes), receives theta_q
-and the run's resolved fedscore config from the server, runs `runs.federated.worker_round`
+and the run's resolved fedscore config from the server, runs `federated.setup.worker_round`
 (eq. 7, the same function the in-process engine's sequential path runs) and answers with a
 sparse payload: its kept values and its mask (`flower.payload`).
+
+The worker's setup (its data, partition, model, loss) is prepared once per run and kept
+(`prepared`): a round costs the local steps plus transport. Flower's simulation runtime keeps
+a ClientApp's process between messages, so there the setup is built once per run; a
+deployment SuperNode (flwr 1.42) starts a fresh `flwr-clientapp` process per message, where
+what is left per round is the process start itself (Python, torch), measured in
+benchmarks/flower_overhead.py.
 
 A hospital's SuperNode can instead train on its own folder: node config `data-root=/its/data`
 loads the run's dataset from there and uses all of it, no partitioning.
@@ -17,12 +24,14 @@ rounds (Adam's moments when `federation.adam_state: keep`) lives in `context.sta
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscore.federated.setup import FederationSetup, prepare, worker_round
 from fedscore.flower import payload
 from fedscore.flower.records import flat_record, from_flat_record
 from fedscore.runs.config import config_from_text
@@ -55,16 +64,45 @@ def _own_data(cfg, node_config: dict):
     return datasets.load(cfg.data.name, split="train", data_root=str(root))
 
 
+_PREPARED: dict[tuple, FederationSetup] = {}
+
+
+def prepared(config_text: str, node_config: dict) -> FederationSetup:
+    """This worker's setup for the run whose resolved config is `config_text`, built on the
+    first message of the run and kept for the next ones. Kept: the setups of one run (the
+    simulation runtime may serve several virtual nodes from one process)."""
+    key = (config_text, tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
+    if key not in _PREPARED:
+        if any(k[0] != config_text for k in _PREPARED):  # a new run: forget the old one
+            _PREPARED.clear()
+        cfg = config_from_text(config_text)
+        _PREPARED[key] = prepare(cfg, own_data=_own_data(cfg, node_config))
+    return _PREPARED[key]
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; NaN elsewhere): at the start of a
+    message, what starting the ClientApp process cost (interpreter, imports)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedscore.runs.federated import prepare, worker_round
-
+    startup = process_age()
     settings = msg.content["settings"]
-    cfg = config_from_text(str(settings["config"]))
+    node_config = dict(context.node_config)
+    torch.set_num_threads(int(node_config.get("threads", 1)))
+    t_prep = time.perf_counter()
+    f = prepared(str(settings["config"]), node_config)
+    prep_seconds = time.perf_counter() - t_prep
+    cfg = f.cfg
     q = int(settings["round"])
-    pid = node_identity(dict(context.node_config), cfg.federation.workers)
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
-    f = prepare(cfg, own_data=_own_data(cfg, dict(context.node_config)))
+    pid = node_identity(node_config, cfg.federation.workers)
     params = from_flat_record(msg.content["global"], f.init_params)
 
     opt_state = None
@@ -85,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({
             "loss": float(losses.mean()), "kept": kept, "num-examples": len(f.parts[pid]),
             "payload-bytes": payload.nbytes(arrays), "train-seconds": seconds,
+            "process-age-seconds": startup, "prepare-seconds": prep_seconds,
         }),
     })
     return Message(content=content, reply_to=msg)

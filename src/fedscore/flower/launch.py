@@ -1,6 +1,6 @@
 """Starting and stopping a Flower federation on this machine, and running our app on it.
 
-`Federation` starts `flower-superlink` (simulation runtime, or a deployment SuperLink plus N
+`LocalFlowerCluster` starts `flower-superlink` (simulation runtime, or a deployment SuperLink plus N
 `flower-supernode` processes) on free loopback ports under its own FLWR_HOME, writes the
 connection into that home's config.toml, and stops every process it started by its PID
 (its whole process group: Flower's SuperLink and SuperNodes spawn their apps as children)
@@ -118,7 +118,7 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60
         if proc.poll() is not None:
             raise FedscoreError(
                 f"{Path(proc.args[0]).name} exited with code {proc.returncode} while "
-                f"starting; its log: {log}\n{_tail(log)}"
+                f"starting; its log: {log}\n{tail(log)}"
             )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
             return
@@ -127,14 +127,14 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60
                         f"{timeout:g} s; its log: {log}")
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     if not path.is_file():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @dataclass
-class Federation:
+class LocalFlowerCluster:
     """A SuperLink (and SuperNodes) on loopback under `home`; a context manager.
 
     nodes: SuperNodes to start (deployment); 0 with simulation=True uses Flower's simulation
@@ -191,7 +191,7 @@ class Federation:
         return proc
 
     # -- lifecycle ---------------------------------------------------------------------
-    def __enter__(self) -> Federation:
+    def __enter__(self) -> LocalFlowerCluster:
         try:
             self.start()
         except BaseException:

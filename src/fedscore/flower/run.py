@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedscore.errors import FedscoreError
-from fedscore.flower.launch import Federation, _tail
+from fedscore.flower.launch import LocalFlowerCluster, tail
 from fedscore.runs.config import FederationConfig, RunConfig, dump_config
 
 DEPLOYMENTS = ("loopback", "simulation")
@@ -51,13 +51,13 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     settings = server_settings(cfg, out, resume=resume, round_timeout=round_timeout,
                                start_wait=start_wait, node_wait=node_wait,
                                min_replies=min_replies)
-    with Federation(home, nodes=nodes, simulation=deployment == "simulation", sim_nodes=nodes,
-                    tls=tls, auth=auth) as fed:
+    with LocalFlowerCluster(home, nodes=nodes, simulation=deployment == "simulation",
+                            sim_nodes=nodes, tls=tls, auth=auth) as fed:
         done = fed.run_app(settings, stream=stream)
     if not (out / "flower.json").is_file():
         raise FedscoreError(
             f"the Flower run ended without finishing (flwr run exit {done.returncode}); "
-            f"logs under {home / 'logs'}:\n{_tail(home / 'logs' / 'run.log')}"
+            f"logs under {home / 'logs'}:\n{tail(home / 'logs' / 'run.log')}"
         )
     return out
 

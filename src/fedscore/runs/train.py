@@ -19,15 +19,11 @@ from tqdm.auto import tqdm
 
 from fedscore import data as datasets
 from fedscore import diffusion
-from fedscore.errors import FedscoreError
+from fedscore.errors import DivergenceError, FedscoreError
 from fedscore.models import build_model, ema_update
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import ModelConfig, RunConfig
 from fedscore.runs.folder import RunFolder
-
-
-class DivergenceError(FedscoreError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""The in-process transport of the round loop: all N workers trained in this process by the
+vectorised engine (`engine.train_workers`), then eq. 8's sums and counts over all of them.
+
+Masks and batches come from two callables (`masks_for(q, params)`, `batches_for(q)`) so the
+transport knows nothing of data, seeds or configs; the caller (`federated.setup`) draws them
+from per-(round, worker) seeds, as every SuperNode of a Flower run does for itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedscore.federated.aggregate import masked_sums
+from fedscore.federated.engine import train_workers
+from fedscore.federated.local import Batch, LossFn
+from fedscore.federated.loop import RoundOutcome
+
+Params = dict[str, Tensor]
+
+
+@dataclass
+class InProcessTransport:
+    """Eq. 7 for every worker in one process, then eq. 8's sums (`loop.Transport`).
+
+    masks_for(q, theta_q) -> stacked masks name -> (N, *shape) bool; batches_for(q) -> the
+    round's batches (N, S, ...); keep_state: carry the workers' optimiser state (Adam
+    moments) from round to round instead of starting fresh each round; opt_state: the state
+    to start from (a resumed run's). samples_per_round: for the throughput in the log."""
+
+    masks_for: Callable[[int, Params], Params]
+    batches_for: Callable[[int], Batch]
+    loss_fn: LossFn
+    lr: float
+    steps: int
+    optimizer: str = "sgd"
+    strategy: str = "auto"
+    keep_state: bool = False
+    opt_state: Any = None
+    samples_per_round: int = 0
+    keep_inputs: bool = False  # hand (masks, batches) to hooks (the theory estimator)
+    _workers: list[int] = field(default_factory=list, init=False)
+
+    def run_round(self, q: int, params: Params) -> RoundOutcome:
+        t0 = time.perf_counter()
+        masks = self.masks_for(q, params)
+        batches = self.batches_for(q)
+        worker_params, state, losses = train_workers(
+            params, masks, batches, self.loss_fn, lr=self.lr, steps=self.steps,
+            optimizer=self.optimizer, opt_state=self.opt_state if self.keep_state else None,
+            strategy=self.strategy,
+        )
+        self.opt_state = state if self.keep_state else None
+        with torch.no_grad():
+            sums, counts = masked_sums(worker_params, masks)
+        seconds = time.perf_counter() - t0
+        n = losses.shape[0]
+        record = {"samples_per_s": self.samples_per_round / seconds} if seconds > 0 else {}
+        return RoundOutcome(
+            sums=sums, counts=counts, masks=masks, workers=list(range(n)),
+            worker_loss=losses.mean(dim=1).tolist(), record=record,
+            inputs=(masks, batches) if self.keep_inputs else None, opt_state=self.opt_state,
+        )

@@ -1,0 +1,210 @@
+"""What every party of a federated run derives from the run config alone (SPEC §2).
+
+`model_setup(cfg)` needs no data: the model (shapes from `data.info`, weights from the run
+seed), the keep ratios, the time grid, the per-(round, worker) masks. It is all a server
+needs: the Flower ServerApp regenerates random masks from it and never loads a dataset.
+
+`prepare(cfg)` adds the data side: the training split, the worker partition, the loss and
+S; the in-process engine holds all of it, a SuperNode prepares it once for its own worker
+(`worker_round` is its part of a round, eq. 7, the engine's sequential code path).
+
+All randomness comes from generators seeded by (run seed, round, worker, stream), so the
+in-process engine, a resumed run and N SuperNodes each drawing only their own share draw
+exactly the same masks, batches and noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fedscore import data as datasets
+from fedscore import diffusion
+from fedscore.errors import FedscoreError
+from fedscore.federated.levels import level_ratios
+from fedscore.federated.local import local_update
+from fedscore.federated.masks import build_masks
+from fedscore.federated.seeding import DATA, MASKS, seed_for
+from fedscore.runs.config import FederationConfig, RunConfig
+from fedscore.runs.train import build_model_for
+from fedscore.runtime import CPU_FP32, Runtime
+
+Params = dict[str, Tensor]
+
+
+def keep_ratios(fed: FederationConfig) -> list[float]:
+    """Each worker's keep ratio: the config's explicit list, or its pruning level's."""
+    if fed.keep_ratios is not None:
+        return list(fed.keep_ratios)
+    return level_ratios(fed.level, n_workers=fed.workers)
+
+
+def local_steps(fed: FederationConfig, sizes: list[int]) -> int:
+    """S: the configured steps, or local epochs over the largest worker's data."""
+    if fed.local_epochs is None:
+        return fed.local_steps
+    return max(1, math.ceil(fed.local_epochs * max(sizes) / fed.batch_size))
+
+
+def partition_kwargs(fed: FederationConfig) -> dict:
+    """The scheme-specific arguments of `data.partition` for a federation config."""
+    if fed.partition.scheme == "dirichlet":
+        return {"alpha": fed.partition.alpha}
+    if fed.partition.scheme == "shards":
+        return {"classes_per_worker": fed.partition.classes_per_worker}
+    return {}
+
+
+def make_loss(model: nn.Module, cfg: RunConfig, total_time: float,
+              runtime: Runtime = CPU_FP32):
+    """loss(params, batch) for the engine; batch = (x0, y, t, eps) of one worker and step.
+    The network runs under `runtime.autocast()`; the loss is returned in float32."""
+    weighting = cfg.diffusion.weighting
+    parameterisation = cfg.diffusion.parameterisation
+    conditional = cfg.model.conditional
+
+    def loss(params: Params, batch: tuple[Tensor, ...]) -> Tensor:
+        x0, y, t, eps = batch
+
+        def net(x: Tensor, tt: Tensor) -> Tensor:
+            with runtime.autocast():
+                out = functional_call(model, params, (x, tt, y if conditional else None))
+            return out.float()
+
+        return diffusion.dsm_loss(net, x0, t, eps, weighting=weighting,
+                                  parameterisation=parameterisation, total_time=total_time)
+
+    return loss
+
+
+def draw_batches(
+    images: Tensor, labels: Tensor, parts: list[Tensor], steps: int, batch: int,
+    times: Tensor, weighting: str, run_seed: int, round_: int,
+    workers: list[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every worker's S mini-batches and their DSM noise, stacked (N, S, B, ...).
+
+    workers: the worker ids of `parts` (default 0..N-1); each worker's draws come from its
+    own seed, so a SuperNode drawing only its own part gets what the in-process run drew."""
+    xs, ys, ts, es = [], [], [], []
+    ids = range(len(parts)) if workers is None else workers
+    for n, idx in zip(ids, parts, strict=True):
+        g = torch.Generator().manual_seed(seed_for(run_seed, round_, n, DATA))
+        pick = idx[torch.randint(len(idx), (steps, batch), generator=g)]
+        x0 = images[pick]  # (S, B, ...)
+        t, eps = diffusion.draw_noise(x0.flatten(0, 1), times, weighting, g)
+        xs.append(x0)
+        ys.append(labels[pick])
+        ts.append(t.reshape(steps, batch))
+        es.append(eps.reshape(x0.shape))
+    return torch.stack(xs), torch.stack(ys), torch.stack(ts), torch.stack(es)
+
+
+@dataclass
+class ModelSetup:
+    """The data-free part of a federated run: model, initial theta_0, keep ratios, grid."""
+
+    cfg: RunConfig
+    model: nn.Module
+    init_params: Params
+    ratios: list[float]
+    times: Tensor
+    runtime: Runtime
+
+    @property
+    def fed(self) -> FederationConfig:
+        return self.cfg.federation
+
+    def masks(self, params: Params, q: int, workers: list[int]) -> Params:
+        """m_{q,n} of the given workers, stacked (len(workers), ...), each from its own seed
+        (random masks: the server regenerates what a worker drew, nothing is sent)."""
+        gens = [torch.Generator().manual_seed(seed_for(self.cfg.seed, q, n, MASKS))
+                for n in workers]
+        cpu = {k: v.detach().cpu() for k, v in params.items()}  # the generators are CPU's
+        masks = build_masks(cpu, self.fed.policy, [self.ratios[n] for n in workers], gens)
+        return {k: v.to(self.runtime.device) for k, v in masks.items()}
+
+
+@dataclass
+class FederationSetup(ModelSetup):
+    """ModelSetup plus the data side: training images, labels, the workers' partition
+    (index tensors), the loss and S."""
+
+    images: Tensor = None
+    labels: Tensor = None
+    parts: list[Tensor] = None
+    loss_fn: object = None
+    steps: int = 0
+
+    def batches(self, q: int, workers: list[int]):
+        """Round q's pre-drawn batches (x0, y, t, eps) of the given workers, (len, S, B, ...)."""
+        drawn = draw_batches(self.images, self.labels, [self.parts[n] for n in workers],
+                             self.steps, self.fed.batch_size, self.times,
+                             self.cfg.diffusion.weighting, self.cfg.seed, q, workers=workers)
+        return tuple(b.to(self.runtime.device) for b in drawn)
+
+
+def _federation(cfg: RunConfig) -> FederationConfig:
+    if not isinstance(cfg.federation, FederationConfig):
+        raise FedscoreError("this config has `federation: none`; use centralised training")
+    return cfg.federation
+
+
+def model_setup(cfg: RunConfig, runtime: Runtime = CPU_FP32) -> ModelSetup:
+    """The model a federated config names (shapes from `data.info`, no data loaded), theta_0
+    from the run seed (drawn on the CPU, then moved to `runtime.device`, so every device
+    starts from the same weights), the keep ratios and the training grid."""
+    fed = _federation(cfg)
+    info = datasets.info(cfg.data.name)
+    model = build_model_for(cfg.model, tuple(info.shape), info.classes, seed=cfg.seed)
+    model.to(runtime.device)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return ModelSetup(cfg=cfg, model=model, init_params=params, ratios=keep_ratios(fed),
+                      times=diffusion.time_grid(**cfg.diffusion.grid_kwargs()),
+                      runtime=runtime)
+
+
+def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
+            runtime: Runtime = CPU_FP32) -> FederationSetup:
+    """The run's model setup plus its data, partition, loss and S.
+
+    own_data: (images, labels) a worker holds itself (a hospital's SuperNode pointed at its
+    own folder): it replaces the dataset and the partition; every worker slot is all of it.
+    runtime: where the workers train and in what precision (chosen once by the caller).
+    """
+    fed = _federation(cfg)
+    base = model_setup(cfg, runtime)
+    if own_data is None:
+        images, labels = datasets.load(cfg.data.name, split="train",
+                                       data_root=cfg.data.data_root, download=cfg.data.download)
+        parts_np = datasets.partition(labels.numpy(), fed.partition.scheme,
+                                      n_workers=fed.workers, seed=cfg.seed,
+                                      **partition_kwargs(fed))
+        parts = [torch.as_tensor(p, dtype=torch.long) for p in parts_np]
+    else:
+        images, labels = own_data
+        parts = [torch.arange(len(images))] * fed.workers
+    total_time = float(base.times[0] - base.times[-1])
+    return FederationSetup(
+        **vars(base), images=images, labels=labels, parts=parts,
+        loss_fn=make_loss(base.model, cfg, total_time, runtime),
+        steps=local_steps(fed, [len(p) for p in parts]),
+    )
+
+
+def worker_round(f: FederationSetup, params: Params, q: int, n: int, opt_state: dict | None = None):
+    """Worker n's part of round q (eq. 7), what a Flower SuperNode runs: its mask, its
+    batches, `federated.local_update` (the engine's sequential path). Returns (theta_{q,n,S},
+    mask, opt state, losses (S,))."""
+    mask = {k: v[0] for k, v in f.masks(params, q, [n]).items()}
+    batch = tuple(b[0] for b in f.batches(q, [n]))
+    fed = f.fed
+    theta, state, losses = local_update(
+        params, mask, batch, f.loss_fn, lr=fed.lr, steps=f.steps, optimizer=fed.optimizer,
+        opt_state=None if fed.adam_state == "reset" else opt_state,
+    )
+    return theta, mask, state, losses
