@@ -254,7 +254,7 @@ def run_demo(out: str | Path = Path("runs/demo"), *, quick: bool = False,
     from fedscore.inference import load_agents, train_agents
     from fedscore.inference.experiment import evaluate, sample_with
     from fedscore.metrics import get_extractor
-    from fedscore.runs.federated import keep_ratios
+    from fedscore.federated.setup import keep_ratios
     from fedscore.runs.plots import image_grid
     from fedscore.runs.sampling import model_score_fn, sampling_grid
 

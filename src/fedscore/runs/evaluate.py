@@ -181,7 +181,7 @@ def silo_parts(cfg: RunConfig, labels: Tensor) -> list[np.ndarray] | None:
     fed = cfg.federation
     if not isinstance(fed, FederationConfig):
         return None
-    from fedscore.runs.federated import partition_kwargs
+    from fedscore.federated.setup import partition_kwargs
 
     return datasets.partition(labels.numpy(), fed.partition.scheme, n_workers=fed.workers,
                               seed=cfg.seed, **partition_kwargs(fed))
