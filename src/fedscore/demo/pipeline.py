@@ -251,10 +251,10 @@ def run_demo(out: str | Path = Path("runs/demo"), *, quick: bool = False,
     report.html into `out`. budget: a name of BUDGETS or a Budget (default "quick" when
     quick, else "full"). echo: where the stage headings go."""
     from fedscore.demo.report import write_report
+    from fedscore.federated.setup import keep_ratios
     from fedscore.inference import load_agents, train_agents
     from fedscore.inference.experiment import evaluate, sample_with
     from fedscore.metrics import get_extractor
-    from fedscore.federated.setup import keep_ratios
     from fedscore.runs.plots import image_grid
     from fedscore.runs.sampling import model_score_fn, sampling_grid
 
