@@ -2,6 +2,8 @@
 
 Each command builds a config, calls one library function and prints where its outputs are.
 Bad input (a FedscoreError) is printed as one message with exit code 2, never a traceback.
+Each command imports its machinery inside its own body, so that `fedscore --help` and a
+mistyped command answer at once instead of after importing torch, Flower and Ray.
 """
 
 from __future__ import annotations
