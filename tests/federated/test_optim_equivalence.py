@@ -19,32 +19,35 @@ LR = {"sgd": 0.05, "adam": 0.02}
 
 # --- the current API ------------------------------------------------------------------------
 
+def _opt(optimizer):
+    return federated.make_optimizer(optimizer, lr=LR[optimizer])
+
+
 def _new_run_round(params, masks, batches, loss_fn, optimizer, state, strategy, chunk,
                    uncovered="keep"):
-    return federated.run_round(params, masks, batches, loss_fn, lr=LR[optimizer], steps=S,
-                               optimizer=optimizer, opt_state=state, strategy=strategy,
-                               chunk_size=chunk, uncovered=uncovered)
+    return federated.run_round(params, masks, batches, loss_fn, _opt(optimizer), steps=S,
+                               state=state, strategy=strategy, chunk_size=chunk,
+                               uncovered=uncovered)
 
 
 def _new_train_workers(params, masks, batches, loss_fn, optimizer, state, strategy, chunk):
-    return federated.train_workers(params, masks, batches, loss_fn, lr=LR[optimizer], steps=S,
-                                   optimizer=optimizer, opt_state=state, strategy=strategy,
-                                   chunk_size=chunk)
+    return federated.train_workers(params, masks, batches, loss_fn, _opt(optimizer), steps=S,
+                                   state=state, strategy=strategy, chunk_size=chunk)
 
 
 def _new_local_update(params, mask, batches, loss_fn, optimizer, state):
-    return federated.local_update(params, mask, batches, loss_fn, lr=LR[optimizer], steps=S,
-                                  optimizer=optimizer, opt_state=state)
+    return federated.local_update(params, mask, batches, loss_fn, _opt(optimizer), steps=S,
+                                  state=state)
 
 
 def _new_named(state, params):
     """The current state as {"m/<name>", "v/<name>", "step"} tensors ({} when stateless)."""
-    return _legacy_named(state)
+    return federated.state_to_tensors(state, params)
 
 
 def _new_state_from_legacy(state, params):
     """A legacy state (dicts name -> tensor) in the current state's format."""
-    return state
+    return federated.state_from_tensors(_legacy_named(state), params)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -197,8 +200,8 @@ def test_a_dsm_round_of_the_score_mlp_is_bit_identical(strategy):
     masks = _masks(params, [1.0, 0.8, 0.75], 0, "topk")
     old = legacy_run_round(params, masks, batches, loss_fn, lr=1e-3, steps=S, optimizer="adam",
                            strategy=strategy)
-    new = federated.run_round(params, masks, batches, loss_fn, lr=1e-3, steps=S,
-                              optimizer="adam", strategy=strategy)
+    new = federated.run_round(params, masks, batches, loss_fn, federated.Adam(lr=1e-3),
+                              steps=S, strategy=strategy)
     _assert_equal_dicts(new[0], old[0], "params")
     _assert_equal_dicts(_new_named(new[3], params), _legacy_named(old[3]), "state")
     assert torch.equal(new[4], old[4])

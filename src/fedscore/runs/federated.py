@@ -173,8 +173,8 @@ def worker_round(f: Federation, params: dict[str, Tensor], q: int, n: int,
     batch = tuple(b[0] for b in round_batches(f, q, [n]))
     fed = f.fed
     theta, state, losses = federated.local_update(
-        params, mask, batch, f.loss_fn, lr=fed.lr, steps=f.steps, optimizer=fed.optimizer,
-        opt_state=None if fed.adam_state == "reset" else opt_state,
+        params, mask, batch, f.loss_fn, federated.make_optimizer(fed.optimizer, lr=fed.lr),
+        steps=f.steps, state=None if fed.adam_state == "reset" else opt_state,
     )
     return theta, mask, state, losses
 
@@ -198,7 +198,7 @@ def resume_state(folder: RunFolder, params: dict[str, Tensor]):
             f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model"
         )
     opt_tensors = ckpt.unprefixed("opt", tensors)
-    opt_state = _unflatten_opt(opt_tensors) if opt_tensors else None
+    opt_state = federated.state_from_tensors(opt_tensors, params) if opt_tensors else None
     folder.truncate_metrics("round", int(state["round"]))
     # the model's own order
     return {k: saved[k] for k in params}, opt_state, int(state["round"]), state["gamma_star"]
@@ -209,7 +209,7 @@ def save_round(folder: RunFolder, params: dict[str, Tensor], rounds_done: int,
     """The per-round atomic checkpoint (model, optionally stacked Adam state)."""
     tensors = ckpt.prefixed("model", params)
     if opt_state is not None:
-        tensors |= ckpt.prefixed("opt", _flatten_opt(opt_state))
+        tensors |= ckpt.prefixed("opt", federated.state_to_tensors(opt_state, params))
     ckpt.save_checkpoint(folder.checkpoint, tensors,
                          {"round": rounds_done, "gamma_star": gamma_star})
 
@@ -266,9 +266,8 @@ def train_federated(
         if estimator is not None and estimator.due(q):
             observed.append(estimator.observe(q, params, theory_batches, batches, masks))
         new_params, _, stats, opt_state, worker_losses = federated.run_round(
-            params, masks, batches, loss_fn, lr=fed.lr, steps=steps,
-            optimizer=fed.optimizer, opt_state=opt_state, strategy=fed.strategy,
-            uncovered=fed.uncovered,
+            params, masks, batches, loss_fn, federated.make_optimizer(fed.optimizer, lr=fed.lr),
+            steps=steps, state=opt_state, strategy=fed.strategy, uncovered=fed.uncovered,
         )
         per_worker = worker_losses.mean(dim=1).tolist()  # (N,)
         check_finite(folder, fed, q, per_worker, new_params)
@@ -321,24 +320,4 @@ def partition_kwargs(fed: FederationConfig) -> dict:
         return {"classes_per_worker": fed.partition.classes_per_worker}
     return {}
 
-
-def _flatten_opt(state) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            out |= {f"{key}/{k}": v for k, v in value.items()}
-        else:
-            out[key] = torch.as_tensor(value)
-    return out
-
-
-def _unflatten_opt(tensors: dict[str, Tensor]):
-    state: dict = {}
-    for key, value in tensors.items():
-        if "/" in key:
-            head, tail = key.split("/", 1)
-            state.setdefault(head, {})[tail] = value
-        else:
-            state[key] = value
-    return state
 
