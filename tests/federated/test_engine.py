@@ -11,9 +11,13 @@ from fedscore.errors import FedscoreError
 from fedscore.federated import (
     build_masks,
     choose_strategy,
+    finish,
     level_ratios,
     make_loss_fn,
     make_optimizer,
+    merge_sums,
+    round_stats,
+    round_sums,
     run_round,
     train_workers,
 )
@@ -228,6 +232,48 @@ def test_a_round_is_bit_identical_whatever_the_order_of_the_params_dict(strategy
     assert list(out[1][0]) == list(backwards)  # handed back in the caller's order
     assert all(torch.equal(out[0][0][k], out[1][0][k]) for k in params)
     assert all(torch.equal(out[0][3][k], out[1][3][k]) for k in ("m", "v", "step"))
+
+
+@pytest.mark.parametrize("uncovered", ["keep", "zero"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_run_round_is_round_sums_then_finish_then_round_stats(optimizer, uncovered):
+    """What a round loop with a transport does by hand gives run_round's numbers bit for bit."""
+    model = _model(6, dtype=torch.float32)
+    loss_fn = make_loss_fn(model, tiny_loss)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    masks = _masks(params, "topk", [0.9, 0.5, 0.3], 0)  # nested: some coordinates uncovered
+    batches = _batches(0, 3, dtype=torch.float32)
+    opt = make_optimizer(optimizer, lr=0.02)
+    new, coverage, stats, state, losses = run_round(params, masks, batches, loss_fn, opt,
+                                                    uncovered=uncovered)
+    sums, counts, state2, losses2 = round_sums(params, masks, batches, loss_fn, opt)
+    again, coverage2 = finish(params, sums, counts, uncovered)
+    assert stats["uncovered"] > 0
+    assert list(again) == list(new) and all(torch.equal(again[k], new[k]) for k in new)
+    assert all(torch.equal(coverage2[k], coverage[k]) for k in coverage)
+    assert round_stats(params, masks, counts) == stats
+    assert all(torch.equal(state2[k], state[k]) for k in state) and torch.equal(losses2, losses)
+    assert all(sums[k].shape == v.shape and counts[k].dtype == torch.long
+               for k, v in params.items())
+
+
+def test_round_sums_of_disjoint_groups_of_workers_add_up_to_the_round():
+    """Eq. 8's statistic is mergeable: two transports (or two Flower replies) each running
+    some of the workers give, added, the sums and counts of all of them."""
+    model = _model(7)
+    loss_fn = make_loss_fn(model, tiny_loss)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    masks = _masks(params, "random", [1.0, 0.75, 0.5, 0.3, 0.3], 0)
+    batches = _batches(0, 5)
+    opt = make_optimizer("adam", lr=0.02)
+    whole = round_sums(params, masks, batches, loss_fn, opt)
+    parts = [round_sums(params, {k: v[g] for k, v in masks.items()},
+                        tuple(x[g] for x in batches), loss_fn, opt)[:2]
+             for g in (slice(0, 2), slice(2, 5))]
+    sums, counts = merge_sums(*parts)
+    for k in params:
+        assert torch.equal(counts[k], whole[1][k])
+        torch.testing.assert_close(sums[k], whole[0][k], rtol=1e-12, atol=1e-12)
 
 
 def test_auto_vmaps_small_dense_models_and_loops_over_conv_or_large_ones_on_cpu():
