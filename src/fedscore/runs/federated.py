@@ -319,5 +319,3 @@ def partition_kwargs(fed: FederationConfig) -> dict:
     if fed.partition.scheme == "shards":
         return {"classes_per_worker": fed.partition.classes_per_worker}
     return {}
-
-
