@@ -63,7 +63,8 @@ DEFAULT_CHUNK = 4
 
 def choose_strategy(params: Params) -> str:
     """The "auto" rule: "vmap" on an accelerator or for a small conv-free model on CPU,
-    "sequential" otherwise (see the module docstring for the measurements behind it)."""
+    "sequential" otherwise (see the module docstring for the measurements behind it). One
+    rule, in these names, for any N stacked copies of one model (workers or agents)."""
     first = next(iter(params.values()))
     if first.device.type != "cpu":
         return "vmap"
