@@ -128,8 +128,8 @@ def dsm(net, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
 
 def engine_round(model, params, masks, batches, steps: int, strategy: str):
     loss_fn = federated.make_loss_fn(model, lambda net, b: dsm(net, *b))
-    new, *_ = federated.run_round(params, masks, batches, loss_fn, lr=LR, steps=steps,
-                                  optimizer="adam", strategy=strategy)
+    new, *_ = federated.run_round(params, masks, batches, loss_fn, federated.Adam(lr=LR),
+                                  steps=steps, strategy=strategy)
     return new
 
 

@@ -11,8 +11,13 @@ from fedscore.errors import FedscoreError
 from fedscore.federated import (
     build_masks,
     choose_strategy,
+    finish,
     level_ratios,
     make_loss_fn,
+    make_optimizer,
+    merge_sums,
+    round_stats,
+    round_sums,
     run_round,
     train_workers,
 )
@@ -56,9 +61,8 @@ def _engine_run(model, policy, ratios, optimizer, lr, keep, strategy, rounds=3, 
     for q in range(rounds):
         masks = _masks(params, policy, ratios, q)
         params, coverage, stats, state, losses = run_round(
-            params, masks, _batches(q, len(ratios)), loss_fn, lr=lr, steps=S,
-            optimizer=optimizer, opt_state=state if keep else None, strategy=strategy,
-            chunk_size=chunk,
+            params, masks, _batches(q, len(ratios)), loss_fn, make_optimizer(optimizer, lr=lr),
+            steps=S, state=state if keep else None, strategy=strategy, chunk_size=chunk,
         )
         history.append((coverage, stats, losses))
     return params, history
@@ -180,8 +184,8 @@ def test_the_score_mlp_and_the_dsm_loss_run_alike_under_vmap_and_the_loop():
     t, eps = diffusion.draw_noise(x0.reshape(-1, 2), times, generator=g)
     batches = (x0, t.reshape(n, S, 8), eps.reshape(n, S, 8, 2))
     masks = _masks(params, "topk", level_ratios([1.0, 0.8, 0.75]), 0)
-    out = {s: run_round(params, masks, batches, loss_fn, lr=1e-3, steps=S, optimizer="adam",
-                        strategy=s) for s in ("vmap", "sequential")}
+    out = {s: run_round(params, masks, batches, loss_fn, make_optimizer("adam", lr=1e-3),
+                        steps=S, strategy=s) for s in ("vmap", "sequential")}
     for k in params:  # float32: vmap's batched kernels may sum in another order
         torch.testing.assert_close(out["vmap"][0][k], out["sequential"][0][k],
                                    rtol=1e-5, atol=1e-6)
@@ -195,14 +199,15 @@ def test_workers_keep_pruned_coordinates_zero_with_leftover_adam_moments(strateg
     n = 3
     masks = _masks(params, "random", [0.3, 0.5, 0.9], 0)
     g = torch.Generator().manual_seed(0)
+    d = sum(v.numel() for v in params.values())
     state = {  # large moments everywhere, as left from rounds where these coords were kept
-        "m": {k: torch.randn(n, *v.shape, generator=g, dtype=v.dtype) for k, v in params.items()},
-        "v": {k: torch.rand(n, *v.shape, generator=g, dtype=v.dtype) for k, v in params.items()},
+        "m": torch.randn(n, d, generator=g, dtype=torch.float64),
+        "v": torch.rand(n, d, generator=g, dtype=torch.float64),
         "step": torch.tensor([5, 5, 5]),
     }
     workers, new_state, losses = train_workers(
-        params, masks, _batches(0, n), make_loss_fn(model, tiny_loss), lr=0.1, steps=S,
-        optimizer="adam", opt_state=state, strategy=strategy, chunk_size=2,
+        params, masks, _batches(0, n), make_loss_fn(model, tiny_loss),
+        make_optimizer("adam", lr=0.1), steps=S, state=state, strategy=strategy, chunk_size=2,
     )
     for k in params:
         assert workers[k].shape == (n, *params[k].shape)
@@ -221,11 +226,54 @@ def test_a_round_is_bit_identical_whatever_the_order_of_the_params_dict(strategy
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     backwards = dict(reversed(list(params.items())))
     batches = _batches(0, 3, dtype=torch.float32)
-    out = [run_round(p, _masks(p, "random", [1.0, 0.6, 0.4], 0), batches, loss_fn, lr=0.02,
-                     steps=S, optimizer="adam", strategy=strategy) for p in (params, backwards)]
+    out = [run_round(p, _masks(p, "random", [1.0, 0.6, 0.4], 0), batches, loss_fn,
+                     make_optimizer("adam", lr=0.02), steps=S, strategy=strategy)
+           for p in (params, backwards)]
     assert list(out[1][0]) == list(backwards)  # handed back in the caller's order
     assert all(torch.equal(out[0][0][k], out[1][0][k]) for k in params)
-    assert all(torch.equal(out[0][3]["m"][k], out[1][3]["m"][k]) for k in params)
+    assert all(torch.equal(out[0][3][k], out[1][3][k]) for k in ("m", "v", "step"))
+
+
+@pytest.mark.parametrize("uncovered", ["keep", "zero"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_run_round_is_round_sums_then_finish_then_round_stats(optimizer, uncovered):
+    """What a round loop with a transport does by hand gives run_round's numbers bit for bit."""
+    model = _model(6, dtype=torch.float32)
+    loss_fn = make_loss_fn(model, tiny_loss)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    masks = _masks(params, "topk", [0.9, 0.5, 0.3], 0)  # nested: some coordinates uncovered
+    batches = _batches(0, 3, dtype=torch.float32)
+    opt = make_optimizer(optimizer, lr=0.02)
+    new, coverage, stats, state, losses = run_round(params, masks, batches, loss_fn, opt,
+                                                    uncovered=uncovered)
+    sums, counts, state2, losses2 = round_sums(params, masks, batches, loss_fn, opt)
+    again, coverage2 = finish(params, sums, counts, uncovered)
+    assert stats["uncovered"] > 0
+    assert list(again) == list(new) and all(torch.equal(again[k], new[k]) for k in new)
+    assert all(torch.equal(coverage2[k], coverage[k]) for k in coverage)
+    assert round_stats(params, masks, counts) == stats
+    assert all(torch.equal(state2[k], state[k]) for k in state) and torch.equal(losses2, losses)
+    assert all(sums[k].shape == v.shape and counts[k].dtype == torch.long
+               for k, v in params.items())
+
+
+def test_round_sums_of_disjoint_groups_of_workers_add_up_to_the_round():
+    """Eq. 8's statistic is mergeable: two transports (or two Flower replies) each running
+    some of the workers give, added, the sums and counts of all of them."""
+    model = _model(7)
+    loss_fn = make_loss_fn(model, tiny_loss)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    masks = _masks(params, "random", [1.0, 0.75, 0.5, 0.3, 0.3], 0)
+    batches = _batches(0, 5)
+    opt = make_optimizer("adam", lr=0.02)
+    whole = round_sums(params, masks, batches, loss_fn, opt)
+    parts = [round_sums(params, {k: v[g] for k, v in masks.items()},
+                        tuple(x[g] for x in batches), loss_fn, opt)[:2]
+             for g in (slice(0, 2), slice(2, 5))]
+    sums, counts = merge_sums(*parts)
+    for k in params:
+        assert torch.equal(counts[k], whole[1][k])
+        torch.testing.assert_close(sums[k], whole[0][k], rtol=1e-12, atol=1e-12)
 
 
 def test_auto_vmaps_small_dense_models_and_loops_over_conv_or_large_ones_on_cpu():
@@ -242,12 +290,19 @@ def test_bad_round_arguments_are_refused():
     params = {k: v.detach() for k, v in model.named_parameters()}
     loss_fn = make_loss_fn(model, tiny_loss)
     masks = _masks(params, "topk", [1.0, 0.5], 0)
+    sgd, adam = make_optimizer("sgd", lr=0.1), make_optimizer("adam", lr=0.1)
     with pytest.raises(FedscoreError, match="unknown engine strategy 'threads'"):
-        run_round(params, masks, _batches(0, 2), loss_fn, lr=0.1, strategy="threads")
+        run_round(params, masks, _batches(0, 2), loss_fn, sgd, strategy="threads")
     with pytest.raises(FedscoreError, match="3 workers on its leading axis but masks have 2"):
-        run_round(params, masks, _batches(0, 3), loss_fn, lr=0.1)
+        run_round(params, masks, _batches(0, 3), loss_fn, sgd)
     with pytest.raises(FedscoreError, match="between 1 and the 3 pre-drawn batches"):
-        run_round(params, masks, _batches(0, 2), loss_fn, lr=0.1, steps=4)
+        run_round(params, masks, _batches(0, 2), loss_fn, sgd, steps=4)
+    _, _, _, state, _ = run_round(params, masks, _batches(0, 2), loss_fn, adam)
+    with pytest.raises(FedscoreError, match="saved by another optimiser"):
+        run_round(params, masks, _batches(0, 2), loss_fn, sgd, state=state)
+    three = _masks(params, "topk", [1.0, 0.5, 0.5], 0)
+    with pytest.raises(FedscoreError, match=r"'m' has shape \(2, \d+\), expected \(3,"):
+        run_round(params, three, _batches(0, 3), loss_fn, adam, state=state)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -257,13 +312,13 @@ def test_a_round_on_cuda_equals_the_cpu_loop():
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     masks = _masks(params, "random", [1.0, 0.6, 0.4], 0)
     batches = _batches(0, 3)
-    cpu = run_round(params, masks, batches, loss_fn, lr=0.02, steps=S, optimizer="adam",
-                    strategy="sequential")
+    adam = make_optimizer("adam", lr=0.02)
+    cpu = run_round(params, masks, batches, loss_fn, adam, steps=S, strategy="sequential")
     cuda_loss = make_loss_fn(copy.deepcopy(model).cuda(), tiny_loss)
     gpu = run_round({k: v.cuda() for k, v in params.items()},
                     {k: v.cuda() for k, v in masks.items()},
-                    tuple(x.cuda() for x in batches), cuda_loss, lr=0.02, steps=S,
-                    optimizer="adam", strategy="auto")
+                    tuple(x.cuda() for x in batches), cuda_loss, adam, steps=S,
+                    strategy="auto")
     assert choose_strategy({k: v.cuda() for k, v in params.items()}) == "vmap"
     for k in params:
         torch.testing.assert_close(gpu[0][k].cpu(), cpu[0][k], rtol=1e-9, atol=1e-11)

@@ -33,9 +33,9 @@ def test_worker_round_is_the_engines_worker():
     f = prepare(c)
     params = f.init_params
     masks = f.masks(params, 0, [0, 1, 2])
+    opt = federated.make_optimizer(c.federation.optimizer, lr=c.federation.lr)
     new, *_ = federated.run_round(params, masks, f.batches(0, [0, 1, 2]), f.loss_fn,
-                                  lr=c.federation.lr, optimizer=c.federation.optimizer,
-                                  strategy="sequential")
+                                  opt, strategy="sequential")
     thetas, ms = [], []
     for n in range(3):
         theta, mask, _, losses = worker_round(f, params, 0, n)

@@ -192,8 +192,8 @@ def _federated_run(rounds: int = 6, every: int = 2):
         noise = 0.3 * torch.randn(n, S, d, generator=g, dtype=torch.float64)
         batches = (A.expand(n, S, d, d), b_full.expand(n, S, d) + noise)
         obs = est.observe(q, params, (A, b_full), batches, masks)
-        new, _, stats, _, _ = federated.run_round(params, masks, batches, quad_loss, lr=lr,
-                                                  steps=S)  # fmt: skip
+        new, _, stats, _, _ = federated.run_round(params, masks, batches, quad_loss,
+                                                  federated.SGD(lr=lr), steps=S)
         record = {"round": q + 1, **stats}
         params = new
         if q == rounds - 1:

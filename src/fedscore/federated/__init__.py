@@ -1,7 +1,8 @@
 """Federated training with arbitrary pruning (SPEC §2, the pruning paper's eqs. 7-8).
 
-masks -> local update (eq. 7) -> aggregate (eq. 8), each a pure function on param dicts;
-`run_round` runs one round for N workers stacked on a leading axis.
+masks -> local update (eq. 7, an `Optimizer`'s steps) -> aggregate (eq. 8), each a pure
+function on param dicts; `run_round` runs one round for N workers stacked on a leading axis,
+`round_sums` stops at eq. 8's (sums, counts) for a round loop that finishes it itself.
 """
 
 from fedscore.federated.aggregate import (
@@ -12,37 +13,51 @@ from fedscore.federated.aggregate import (
     merge_sums,
     round_stats,
 )
-from fedscore.federated.engine import STRATEGIES, choose_strategy, run_round, train_workers
-from fedscore.federated.levels import LEVELS, level_ratios
-from fedscore.federated.local import (
-    OPTIMIZERS,
-    apply_update,
-    init_opt_state,
-    local_update,
-    make_loss_fn,
+from fedscore.federated.engine import (
+    STRATEGIES,
+    choose_strategy,
+    round_sums,
+    run_round,
+    train_workers,
 )
+from fedscore.federated.levels import LEVELS, level_ratios
+from fedscore.federated.local import local_update, make_loss_fn
 from fedscore.federated.masks import POLICIES, build_masks, kept_count, make_mask
+from fedscore.federated.optim import (
+    OPTIMIZERS,
+    SGD,
+    Adam,
+    Optimizer,
+    make_optimizer,
+    state_from_tensors,
+    state_to_tensors,
+)
 
 __all__ = [
     "LEVELS",
     "OPTIMIZERS",
     "POLICIES",
+    "SGD",
     "STRATEGIES",
     "UNCOVERED",
+    "Adam",
+    "Optimizer",
     "aggregate",
-    "apply_update",
     "build_masks",
     "choose_strategy",
     "finish",
-    "init_opt_state",
     "kept_count",
     "level_ratios",
     "local_update",
     "make_loss_fn",
     "make_mask",
+    "make_optimizer",
     "masked_sums",
     "merge_sums",
     "round_stats",
+    "round_sums",
     "run_round",
+    "state_from_tensors",
+    "state_to_tensors",
     "train_workers",
 ]

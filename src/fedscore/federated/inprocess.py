@@ -1,5 +1,6 @@
 """The in-process transport of the round loop: all N workers trained in this process by the
-vectorised engine (`engine.train_workers`), then eq. 8's sums and counts over all of them.
+vectorised engine, which returns eq. 8's sums and counts over all of them
+(`engine.round_sums`, reduced on the flat (N, D) matrix).
 
 Masks and batches come from two callables (`masks_for(q, params)`, `batches_for(q)`) so the
 transport knows nothing of data, seeds or configs; the caller (`federated.setup`) draws them
@@ -13,13 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from fedscore.federated.aggregate import masked_sums
-from fedscore.federated.engine import train_workers
+from fedscore.federated.engine import round_sums
 from fedscore.federated.local import Batch, LossFn
 from fedscore.federated.loop import RoundOutcome
+from fedscore.federated.optim import Optimizer
 
 Params = dict[str, Tensor]
 
@@ -29,16 +29,16 @@ class InProcessTransport:
     """Eq. 7 for every worker in one process, then eq. 8's sums (`loop.Transport`).
 
     masks_for(q, theta_q) -> stacked masks name -> (N, *shape) bool; batches_for(q) -> the
-    round's batches (N, S, ...); keep_state: carry the workers' optimiser state (Adam
-    moments) from round to round instead of starting fresh each round; opt_state: the state
-    to start from (a resumed run's). samples_per_round: for the throughput in the log."""
+    round's batches (N, S, ...); opt: the workers' optimiser (eq. 7's SGD or masked Adam);
+    keep_state: carry the workers' optimiser state (Adam moments) from round to round instead
+    of starting fresh each round; opt_state: the state to start from (a resumed run's).
+    samples_per_round: for the throughput in the log."""
 
     masks_for: Callable[[int, Params], Params]
     batches_for: Callable[[int], Batch]
     loss_fn: LossFn
-    lr: float
+    opt: Optimizer
     steps: int
-    optimizer: str = "sgd"
     strategy: str = "auto"
     keep_state: bool = False
     opt_state: Any = None
@@ -50,14 +50,11 @@ class InProcessTransport:
         t0 = time.perf_counter()
         masks = self.masks_for(q, params)
         batches = self.batches_for(q)
-        worker_params, state, losses = train_workers(
-            params, masks, batches, self.loss_fn, lr=self.lr, steps=self.steps,
-            optimizer=self.optimizer, opt_state=self.opt_state if self.keep_state else None,
-            strategy=self.strategy,
+        sums, counts, state, losses = round_sums(
+            params, masks, batches, self.loss_fn, self.opt, steps=self.steps,
+            state=self.opt_state if self.keep_state else None, strategy=self.strategy,
         )
         self.opt_state = state if self.keep_state else None
-        with torch.no_grad():
-            sums, counts = masked_sums(worker_params, masks)
         seconds = time.perf_counter() - t0
         n = losses.shape[0]
         record = {"samples_per_s": self.samples_per_round / seconds} if seconds > 0 else {}

@@ -28,6 +28,7 @@ from fedscore.errors import FedscoreError
 from fedscore.federated.levels import level_ratios
 from fedscore.federated.local import local_update
 from fedscore.federated.masks import build_masks
+from fedscore.federated.optim import Optimizer, make_optimizer
 from fedscore.federated.seeding import DATA, MASKS, seed_for
 from fedscore.runs.config import FederationConfig, RunConfig
 from fedscore.runs.train import build_model_for
@@ -119,6 +120,10 @@ class ModelSetup:
     def fed(self) -> FederationConfig:
         return self.cfg.federation
 
+    def optimizer(self) -> Optimizer:
+        """The workers' optimiser the config names (eq. 7's SGD, or masked Adam)."""
+        return make_optimizer(self.fed.optimizer, lr=self.fed.lr)
+
     def masks(self, params: Params, q: int, workers: list[int]) -> Params:
         """m_{q,n} of the given workers, stacked (len(workers), ...), each from its own seed
         (random masks: the server regenerates what a worker drew, nothing is sent)."""
@@ -204,7 +209,7 @@ def worker_round(f: FederationSetup, params: Params, q: int, n: int, opt_state: 
     batch = tuple(b[0] for b in f.batches(q, [n]))
     fed = f.fed
     theta, state, losses = local_update(
-        params, mask, batch, f.loss_fn, lr=fed.lr, steps=f.steps, optimizer=fed.optimizer,
-        opt_state=None if fed.adam_state == "reset" else opt_state,
+        params, mask, batch, f.loss_fn, f.optimizer(), steps=f.steps,
+        state=None if fed.adam_state == "reset" else opt_state,
     )
     return theta, mask, state, losses

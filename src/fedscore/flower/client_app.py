@@ -31,6 +31,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
 from fedscore.flower import payload
 from fedscore.flower.records import flat_record, from_flat_record
@@ -111,8 +112,8 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     theta, mask, state, losses = worker_round(f, params, q, pid, opt_state)
     seconds = time.perf_counter() - t0
-    if state is not None and cfg.federation.adam_state == "keep":
-        _store_state(context.state, state)
+    if state and cfg.federation.adam_state == "keep":
+        _store_state(context.state, state, f.init_params)
 
     seeded = cfg.federation.policy == "random"  # the server regenerates random masks
     arrays, kinds = payload.encode(theta, mask, seeded=seeded)
@@ -129,14 +130,17 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _store_state(store: RecordDict, state: dict) -> None:
-    """This worker's Adam moments, kept in the SuperNode's context between rounds."""
-    store["adam-m"] = flat_record(state["m"])
-    store["adam-v"] = flat_record(state["v"])
+def _store_state(store: RecordDict, state: dict, like: dict[str, torch.Tensor]) -> None:
+    """This worker's Adam moments, kept in the SuperNode's context between rounds (named
+    by parameter through `federated.state_to_tensors`, the records' format unchanged)."""
+    named = state_to_tensors(state, like)
+    for key in ("m", "v"):
+        store[f"adam-{key}"] = flat_record({k: named[f"{key}/{k}"] for k in like})
     store["adam-step"] = ConfigRecord({"step": int(state["step"])})
 
 
 def _load_state(store: RecordDict, like: dict[str, torch.Tensor]) -> dict:
-    return {"m": from_flat_record(store["adam-m"], like),
-            "v": from_flat_record(store["adam-v"], like),
-            "step": torch.tensor(int(store["adam-step"]["step"]))}
+    named = {"step": torch.tensor(int(store["adam-step"]["step"]))}
+    for key in ("m", "v"):
+        named |= {f"{key}/{k}": v for k, v in from_flat_record(store[f"adam-{key}"], like).items()}
+    return state_from_tensors(named, like)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -23,6 +22,7 @@ from fedscore import data as datasets
 from fedscore.errors import FedscoreError
 from fedscore.federated.inprocess import InProcessTransport
 from fedscore.federated.loop import RoundEvent, run_rounds
+from fedscore.federated.optim import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, draw_batches, prepare
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import FederationConfig, RunConfig
@@ -65,7 +65,7 @@ def resume_state(folder: RunFolder, params: dict[str, Tensor]):
             f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model"
         )
     opt_tensors = ckpt.unprefixed("opt", tensors)
-    opt_state = _unflatten_opt(opt_tensors) if opt_tensors else None
+    opt_state = state_from_tensors(opt_tensors, params) if opt_tensors else None
     folder.truncate_metrics("round", int(state["round"]))
     # the model's own order
     return {k: saved[k] for k in params}, opt_state, int(state["round"]), state["gamma_star"]
@@ -75,8 +75,8 @@ def save_round(folder: RunFolder, params: dict[str, Tensor], rounds_done: int,
                gamma_star: int | None, opt_state: dict | None = None) -> None:
     """The per-round atomic checkpoint (model, optionally stacked Adam state)."""
     tensors = ckpt.prefixed("model", params)
-    if opt_state is not None:
-        tensors |= ckpt.prefixed("opt", _flatten_opt(opt_state))
+    if opt_state:
+        tensors |= ckpt.prefixed("opt", state_to_tensors(opt_state, params))
     ckpt.save_checkpoint(folder.checkpoint, tensors,
                          {"round": rounds_done, "gamma_star": gamma_star})
 
@@ -172,8 +172,8 @@ def train_federated(
     transport = InProcessTransport(
         masks_for=lambda q, theta: f.masks(theta, q, everyone),
         batches_for=lambda q: f.batches(q, everyone),
-        loss_fn=f.loss_fn, lr=fed.lr, steps=f.steps, optimizer=fed.optimizer,
-        strategy=fed.strategy, keep_state=keep, opt_state=opt_state,
+        loss_fn=f.loss_fn, opt=f.optimizer(), steps=f.steps, strategy=fed.strategy,
+        keep_state=keep, opt_state=opt_state,
         samples_per_round=fed.workers * f.steps * fed.batch_size,
         keep_inputs=cfg.theory.estimate,
     )
@@ -199,23 +199,3 @@ def train_federated(
                            last.get("loss", float("nan")),
                            last.get("eq9_heldout") or float("nan"))
 
-
-def _flatten_opt(state) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            out |= {f"{key}/{k}": v for k, v in value.items()}
-        else:
-            out[key] = torch.as_tensor(value)
-    return out
-
-
-def _unflatten_opt(tensors: dict[str, Tensor]):
-    state: dict = {}
-    for key, value in tensors.items():
-        if "/" in key:
-            head, tail = key.split("/", 1)
-            state.setdefault(head, {})[tail] = value
-        else:
-            state[key] = value
-    return state
