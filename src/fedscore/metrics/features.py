@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from fedscore.cache import cache_root  # noqa: F401  (public here since the evaluation issue)
 from fedscore.errors import FedscoreError
+from fedscore.io import atomic_write, atomic_write_json
 from fedscore.metrics.stats import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,6 @@ def get_extractor(
     and cached. `recipe` overrides entries of RECIPES[dataset]; `floor` overrides
     ACCURACY_FLOORS[dataset]; `data_root` is passed to `fedscore.data.load`."""
     from fedscore import data
-    from fedscore.runs.checkpoint import atomic_write, atomic_write_text
 
     if dataset.startswith("gmm:"):
         raise FedscoreError(
@@ -372,7 +372,7 @@ def get_extractor(
             "weights_size": weights.stat().st_size,
             "weights_sha256": _sha256_file(weights),
         }
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        atomic_write_json(meta_path, meta)
         msg = f"{dataset} feature classifier: held-out accuracy {acc:.4f} (floor {floor:.2f})"
         log.info(msg)
         if progress:

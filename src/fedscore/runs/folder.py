@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscore.errors import FedscoreError
-from fedscore.runs.checkpoint import atomic_write_text
+from fedscore.io import atomic_write_json, atomic_write_text
 from fedscore.runs.config import RunConfig, dump_config
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -64,7 +64,7 @@ class RunFolder:
             )
         folder.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder.path / "config.yaml", dump_config(cfg))
-        atomic_write_text(folder.path / "env.json", json.dumps(versions(), indent=2))
+        atomic_write_json(folder.path / "env.json", versions())
         return folder
 
     def log(self, record: dict[str, Any]) -> None:
@@ -85,5 +85,5 @@ class RunFolder:
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.path / name
-        atomic_write_text(path, json.dumps(obj, indent=2))
+        atomic_write_json(path, obj)
         return path

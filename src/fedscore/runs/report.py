@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscore.errors import FedscoreError
-from fedscore.runs.checkpoint import atomic_write_text
+from fedscore.io import atomic_write_text
 from fedscore.runs.config import FederationConfig, RunConfig
 
 # eval.json keys shown in the table, in this order, with their labels; other numeric

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.errors import FedscoreError
+from fedscore.io import atomic_write
 from fedscore.models import build_model, ema_update
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import ModelConfig, RunConfig
@@ -176,10 +177,7 @@ def train_central(
         if done % cfg.train.checkpoint_every == 0 or done == steps:
             _save(cfg, folder, model, opt, g, ema, done)
     final = _final_weights(model, ema)
-    ckpt.atomic_write(
-        folder.path / "model.safetensors",
-        lambda tmp: save_weights(final, tmp),
-    )
+    atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(final, tmp))
     eq9 = folder.metrics()[-1].get("eq9_heldout", float("nan")) if folder.metrics() else float(
         "nan")
     if images.ndim == 4:
