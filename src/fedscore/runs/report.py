@@ -16,6 +16,7 @@ from typing import Any
 
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write_text
+from fedscore.plotting import pyplot
 from fedscore.runs.config import FederationConfig, RunConfig
 
 # eval.json keys shown in the table, in this order, with their labels; other numeric
@@ -224,11 +225,7 @@ def _plot_losses(runs: list[RunInfo], out: Path) -> list[tuple[str, Path]]:
 
 
 def _plot_pruning(runs: list[RunInfo], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in PRUNING_PLOTS if any(k in rec for r in runs for rec in r.records)]
     if not keys:
         return None

@@ -15,9 +15,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fedscore.errors import FedscoreError
+from fedscore.plotting import pyplot
 from fedscore.theory.bounds import corollary1, theorem1
 from fedscore.theory.result import Bound, _f
 
@@ -189,12 +191,7 @@ def plot_bound_vs_q(
 ) -> Path:
     """Theorem 1's total and terms (at the run's eta) and Corollary 1's total against Q' on
     log axes; the observed left-hand side at the run's Q (and its running curve) marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     Q = int(kwargs["Q"])
     grid = np.unique(np.round(np.logspace(0, math.log10(max(100 * Q, 1000)), 120)).astype(int))
     bounds = [theorem1(**{**kwargs, "Q": int(q)}) for q in grid]
