@@ -22,16 +22,11 @@ from fedscore import data as datasets
 from fedscore import diffusion, federated
 from fedscore.errors import FedscoreError
 from fedscore.federated.seeding import DATA, MASKS, seed_for
+from fedscore.models.build import build_model_for, save_weights
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import FederationConfig, RunConfig
 from fedscore.runs.folder import RunFolder
-from fedscore.runs.train import (
-    DivergenceError,
-    build_model_for,
-    eval_eq9,
-    held_out_batch,
-    save_weights,
-)
+from fedscore.runs.train import DivergenceError, eval_eq9, held_out_batch
 
 
 @dataclass

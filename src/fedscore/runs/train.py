@@ -21,9 +21,10 @@ from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write
-from fedscore.models import build_model, ema_update
+from fedscore.models import ema_update
+from fedscore.models.build import build_model_for, load_trained, save_weights
 from fedscore.runs import checkpoint as ckpt
-from fedscore.runs.config import ModelConfig, RunConfig
+from fedscore.runs.config import RunConfig, load_config
 from fedscore.runs.folder import RunFolder
 
 
@@ -39,33 +40,6 @@ class TrainResult:
     final_loss: float
     eq9: float
     seconds: float
-
-
-def build_model_for(
-    cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int | None, seed: int = 0
-):
-    """The score network a config names, sized for the data it will see, its initial
-    weights drawn from `seed` (in a forked RNG, so no global state is touched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build(cfg, sample_shape, num_classes)
-
-
-def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int | None):
-    nc = num_classes if cfg.conditional else None
-    if cfg.kind == "mlp":
-        if len(sample_shape) != 1:
-            raise FedscoreError(
-                f"model.kind 'mlp' takes vector data, but the data have shape {sample_shape}; "
-                "use model.kind: unet for images"
-            )
-        return build_model("mlp", dim=sample_shape[0], num_classes=nc, **cfg.options)
-    if len(sample_shape) != 3:
-        raise FedscoreError(f"model.kind {cfg.kind!r} takes images (C, H, W), got {sample_shape}")
-    c, h, _ = sample_shape
-    return build_model(
-        cfg.kind, size=cfg.size, in_channels=c, image_size=h, num_classes=nc, **cfg.options
-    )
 
 
 def net_fn(model: nn.Module, y: Tensor | None):
@@ -211,12 +185,6 @@ def _final_weights(model: nn.Module, ema: dict[str, Tensor] | None) -> dict[str,
     return ema if ema is not None else {k: v.detach() for k, v in model.named_parameters()}
 
 
-def save_weights(weights: dict[str, Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in weights.items()}, path)
-
-
 def _save(cfg, folder, model, opt, g, ema, step) -> None:
     tensors = ckpt.prefixed("model", dict(model.state_dict()))
     opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
@@ -251,11 +219,8 @@ def _restore(cfg, folder, model, opt, g, ema):
 
 
 def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
-    """The trained model of a run folder (EMA weights when kept), ready for sampling."""
-    from safetensors.torch import load_file
-
-    from fedscore.runs.config import load_config
-
+    """The trained model of a run folder (EMA weights when kept), ready for sampling, and
+    the run's config. The model's size comes from `data.info` (no data is loaded)."""
     run_dir = Path(run_dir)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
@@ -264,16 +229,7 @@ def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
             "with `fedscore train --config ...`"
         )
     cfg = load_config(run_dir / "config.yaml")
-    images, labels = datasets.load(cfg.data.name, split="test", data_root=cfg.data.data_root)
-    model = build_model_for(cfg.model, tuple(images.shape[1:]), int(labels.max()) + 1)
-    try:
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    except Exception as err:  # safetensors or shape mismatch: one clear message
-        raise FedscoreError(f"cannot load {str(weights)!r}: {err}") from None
-    params = dict(model.named_parameters())
-    if unexpected or any(k in params for k in missing):
-        raise FedscoreError(
-            f"{str(weights)!r} does not match the model of {str(run_dir / 'config.yaml')!r}"
-        )
-    model.eval()
+    info = datasets.info(cfg.data.name)
+    model = load_trained(cfg.model, weights, tuple(info.shape), info.classes,
+                         config=repr(str(run_dir / "config.yaml")))
     return model, cfg
