@@ -12,6 +12,7 @@ from fedscore.diffusion.losses import (
     to_score,
 )
 from fedscore.diffusion.samplers import SAMPLERS, prior, sample
+from fedscore.diffusion.score_model import ScoreModel
 from fedscore.diffusion.sde import (
     clip_denoised,
     conditional_score,
@@ -25,6 +26,7 @@ __all__ = [
     "GRIDS",
     "PARAMETERISATIONS",
     "SAMPLERS",
+    "ScoreModel",
     "WEIGHTINGS",
     "clip_denoised",
     "conditional_score",

@@ -26,6 +26,8 @@ from fedscore.models.build import build_model_for, load_trained, save_weights
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import RunConfig, load_config
 from fedscore.runs.folder import RunFolder
+from fedscore.runs.plots import image_grid
+from fedscore.runs.sampling import model_score_fn, sample_model
 
 
 class DivergenceError(FedscoreError):
@@ -40,15 +42,6 @@ class TrainResult:
     final_loss: float
     eq9: float
     seconds: float
-
-
-def net_fn(model: nn.Module, y: Tensor | None):
-    """(x, t) -> raw output of `model` with labels y bound (None: unconditional)."""
-
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, y)
-
-    return fn
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -68,10 +61,8 @@ def held_out_batch(cfg: RunConfig, n: int) -> tuple[Tensor, Tensor]:
 def eval_eq9(cfg: RunConfig, model: nn.Module, x0: Tensor, y: Tensor, times: Tensor) -> float:
     """Eq. 9's value of `model` on a held-out batch, with noise fixed by the run's seed."""
     model.eval()
-    score = diffusion.score_fn_of(
-        net_fn(model, y if cfg.model.conditional else None), cfg.diffusion.parameterisation
-    )
-    value = diffusion.eq9_value(score, x0, times, torch.Generator().manual_seed(20_000 + cfg.seed))
+    g = torch.Generator().manual_seed(20_000 + cfg.seed)
+    value = diffusion.eq9_value(model_score_fn(model, cfg, y), x0, times, g)
     model.train()
     return value
 
@@ -118,7 +109,7 @@ def train_central(
         y = labels[idx] if cfg.model.conditional else None
         t, eps = diffusion.draw_noise(x0, times, cfg.diffusion.weighting, g)
         loss = diffusion.dsm_loss(
-            net_fn(model, y), x0, t, eps,
+            model_score_fn(model, cfg, y).net_fn, x0, t, eps,
             weighting=cfg.diffusion.weighting,
             parameterisation=cfg.diffusion.parameterisation,
             total_time=total_time,
@@ -165,9 +156,6 @@ def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tenso
                       *, sample_shape: tuple[int, ...], num_classes: int, n_per_class: int = 10,
                       progress: bool = False):
     """A grid of samples from `weights` (one row per class when conditional) at `path`."""
-    from fedscore.runs.plots import image_grid
-    from fedscore.runs.sampling import sample_model
-
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     model.load_state_dict(weights, strict=False)
     model.eval()
