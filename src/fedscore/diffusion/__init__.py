@@ -11,7 +11,7 @@ from fedscore.diffusion.losses import (
     to_eps,
     to_score,
 )
-from fedscore.diffusion.samplers import SAMPLERS, prior, sample
+from fedscore.diffusion.samplers import SAMPLERS, Observer, prior, sample
 from fedscore.diffusion.score_model import ScoreModel
 from fedscore.diffusion.sde import (
     clip_denoised,
@@ -24,6 +24,7 @@ from fedscore.diffusion.sde import (
 
 __all__ = [
     "GRIDS",
+    "Observer",
     "PARAMETERISATIONS",
     "SAMPLERS",
     "ScoreModel",
