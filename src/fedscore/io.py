@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""Files, safely: atomic writes (a reader sees the old file or the new one, never half of
+one) and the JSON-lines reader.
 
 The bottom layer of the library (beside errors and cache): runs/ (checkpoints, configs,
 metrics.jsonl, reports), metrics/ (the feature-classifier cache) and inference/ all write
@@ -42,6 +43,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (metrics.jsonl), one a line; blank lines skipped."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:

@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
+
+import fedscore
 from fedscore.errors import FedscoreError
-from fedscore.io import atomic_write_json, atomic_write_text
+from fedscore.io import atomic_write_json, atomic_write_text, read_jsonl
 from fedscore.runs.config import RunConfig, dump_config
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -19,11 +23,6 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def versions() -> dict[str, str]:
     """Versions of what a run's numbers depend on."""
-    import numpy
-    import torch
-
-    import fedscore
-
     return {
         "fedscore": fedscore.__version__,
         "python": sys.version.split()[0],
@@ -76,7 +75,7 @@ class RunFolder:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return read_jsonl(self.metrics_path)
 
     def truncate_metrics(self, key: str, last: int) -> None:
         """Drop records logged after the checkpoint being resumed (they will be redone)."""

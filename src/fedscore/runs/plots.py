@@ -59,6 +59,7 @@ def loss_curves(
 
 def image_grid(images: Tensor, path: Path, nrow: int = 10, title: str = "") -> Path:
     """A grid of (N, C, H, W) images in [-1, 1]."""
+    # torchvision takes seconds to import; only image runs draw grids
     from torchvision.utils import make_grid
 
     grid = make_grid(images.detach().cpu().clamp(-1, 1), nrow=nrow, normalize=True,

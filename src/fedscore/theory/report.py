@@ -19,8 +19,10 @@ import numpy as np
 import yaml
 
 from fedscore.errors import FedscoreError
+from fedscore.io import read_jsonl
 from fedscore.plotting import pyplot
 from fedscore.theory.bounds import corollary1, theorem1
+from fedscore.theory.estimate import constants_from_metrics
 from fedscore.theory.result import Bound, _f
 
 REQUIRED = ("L", "w", "sigma1", "sigma2", "N", "gamma_star", "S", "Q", "F0", "FQ", "theta0_sq")
@@ -296,13 +298,10 @@ def run_bound(run_dir: Path | None, params: Path | None, out: Path | None) -> Pa
         raise FedscoreError("give either a run folder (fedscore bound RUN_DIR) or "
                             "--params file.yaml, not both and not neither")  # fmt: skip
     if run_dir is not None:
-        from fedscore.runs.folder import RunFolder
-        from fedscore.theory.estimate import constants_from_metrics
-
-        folder = RunFolder(Path(run_dir))
-        if not folder.metrics_path.is_file():
+        metrics = Path(run_dir) / "metrics.jsonl"  # a run folder's log (runs/folder.py)
+        if not metrics.is_file():
             raise FedscoreError(f"{str(run_dir)!r} is not a run folder: no metrics.jsonl in it")
-        constants = constants_from_metrics(folder.metrics())
+        constants = constants_from_metrics(read_jsonl(metrics))
         return bound_report(constants, Path(out or run_dir), title=f"run {Path(run_dir).name}")
     constants = load_params(Path(params))
     target = Path(out) if out is not None else Path("runs") / f"bound-{Path(params).stem}"
