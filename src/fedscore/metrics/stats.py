@@ -56,7 +56,7 @@ class FeatureStats:
     @classmethod
     def from_features(cls, feats: Tensor) -> FeatureStats:
         """Statistics of features (n, k), accumulated in float64."""
-        feats = _as_features(feats, "features")
+        feats = as_features(feats, "features")
         f = feats.detach().to(torch.float64)
         return cls(f.shape[0], f.sum(0), f.T @ f)
 
@@ -125,7 +125,7 @@ class FeatureStats:
         return cls(int(n[0]), s.to(torch.float64), o.to(torch.float64))
 
 
-def _as_features(feats: Tensor, name: str) -> Tensor:
+def as_features(feats: Tensor, name: str) -> Tensor:
     """Validate a feature matrix (n, k): 2-D, non-empty, finite."""
     feats = torch.as_tensor(feats)
     if feats.ndim != 2:
