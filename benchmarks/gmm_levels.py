@@ -37,10 +37,10 @@ import torch
 
 from fedscore import diffusion, toy
 from fedscore.metrics.toy import score_error
+from fedscore.models.build import build_model_for
 from fedscore.runs.config import RunConfig, load_config
 from fedscore.runs.federated import train_federated
 from fedscore.runs.sampling import model_score_fn
-from fedscore.runs.train import build_model_for
 
 LEVELS = ("F", "L", "M", "S")
 POLICIES = ("topk", "random")

@@ -42,7 +42,7 @@ def test_clipped_score_denoises_into_the_bounds_and_only_moves_out_of_range_poin
     assert torch.allclose(x0_clip, x0_raw.clamp(-2, 2), atol=1e-10)
 
 
-def test_stacked_scores_and_sampler_hooks_are_kept():
+def test_stacked_scores_are_clipped_per_agent_and_no_attribute_is_carried():
     gm, xt, t = _setup()
 
     def stacked(x, tt):  # (K, B, D), like federated inference's agents
@@ -51,8 +51,30 @@ def test_stacked_scores_and_sampler_hooks_are_kept():
     stacked.n_agents = 2
     stacked.observe = lambda *args: None
     clipped = diffusion.clip_denoised(stacked)
-    assert clipped.n_agents == 2 and clipped.observe is stacked.observe
+    assert not hasattr(clipped, "n_agents") and not hasattr(clipped, "observe")
     out = clipped(xt, t)
     assert out.shape == (2, *xt.shape)
     single = diffusion.clip_denoised(gm.score)(xt, t)
     assert torch.allclose(out[0], single, atol=1e-10)
+
+
+def test_a_clipped_mixture_tracks_its_weights_when_passed_as_the_observer():
+    from fedscore import inference
+
+    gm = toy.preset("two-clients")
+    a, b = gm.components([0, 1]), gm.components([2, 3])
+    times = diffusion.time_grid("exponential", 40, T=6.0, delta=1e-3)
+
+    def run(wrap):
+        mix = inference.combine([a.score, b.score], "mixture", weights=[0.6, 0.4])
+        g = torch.Generator().manual_seed(0)
+        x_T = torch.randn(200, 2, generator=g)
+        x = diffusion.sample(wrap(mix), x_T, times, "exp-integrator", g, observer=mix)
+        return x, mix.weights_now()
+
+    x_plain, w_plain = run(lambda m: m)
+    # bounds far outside the data: clipping is the identity, so nothing may change
+    x_clip, w_clip = run(lambda m: diffusion.clip_denoised(m, low=-100.0, high=100.0))
+    assert torch.allclose(x_clip, x_plain, atol=1e-4)
+    assert torch.allclose(w_clip, w_plain, atol=1e-4)
+    assert (w_plain.max(1).values > 0.99).float().mean() > 0.9  # the weights did move

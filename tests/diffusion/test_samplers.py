@@ -147,3 +147,35 @@ def test_unknown_sampler_and_bad_grid_are_clear_errors():
         diffusion.sample(gm, torch.randn(2, 2), diffusion.time_grid("uniform", 3), "heun")
     with pytest.raises(FedscoreError, match="descending"):
         diffusion.sample(gm, torch.randn(2, 2), torch.tensor([0.1, 1.0]))
+
+
+class _Counter:
+    def __init__(self):
+        self.steps = []
+
+    def observe(self, x_prev, x_next, t_prev, t_next):
+        self.steps.append((float(t_prev[0]), float(t_next[0])))
+
+
+@pytest.mark.parametrize("method", sorted(diffusion.SAMPLERS))
+def test_an_explicit_observer_sees_each_step_once_and_replaces_the_score_fns_own(method):
+    gm = toy.preset("ring8")
+    times = diffusion.time_grid("uniform", 6, T=2.0, delta=0.01)
+    pairs = [(pytest.approx(float(a)), pytest.approx(float(b))) for a, b in zip(times, times[1:])]
+    own, explicit = _Counter(), _Counter()
+
+    class Watched:  # a score function with its own observe (SPEC §6)
+        def __call__(self, x, t):
+            return gm(x, t)
+
+        observe = own.observe
+
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    diffusion.sample(Watched(), x_T, times, method, torch.Generator().manual_seed(1))
+    assert own.steps == pairs  # the default observer: the score function itself
+    own.steps.clear()
+    diffusion.sample(Watched(), x_T, times, method, torch.Generator().manual_seed(1),
+                     observer=explicit)
+    assert explicit.steps == pairs and own.steps == []  # replaced, not added
+    with pytest.raises(FedscoreError, match="observe"):
+        diffusion.sample(gm, x_T, times, method, observer=object())

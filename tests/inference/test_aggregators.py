@@ -106,3 +106,15 @@ def test_bad_aggregator_inputs_are_clear_errors():
             torch.zeros(1, 2), torch.ones(1))
     with pytest.raises(FedscoreError, match="at least one agent"):
         inference.combine([], "mean")
+
+
+def test_a_wrapped_callable_of_agents_needs_no_n_agents_and_a_bad_shape_is_refused():
+    def stacked(x, t):  # (K, B, D) without an n_agents attribute (e.g. clip_denoised's)
+        return torch.stack([A.score(x, t), B.score(x, t)])
+
+    x, t = torch.randn(5, 2), torch.full((5,), 0.5)
+    agg = inference.combine(stacked, "weighted", weights=PI)
+    assert torch.allclose(agg(x, t), 0.6 * A.score(x, t) + 0.4 * B.score(x, t))
+    assert agg.n_agents == 2
+    with pytest.raises(FedscoreError, match="pass separate score functions as a list"):
+        inference.combine(A.score, "mean")(x, t)  # one score function is not K agents

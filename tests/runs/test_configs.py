@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedscore import data as datasets
+from fedscore.models.build import build_model_for
 from fedscore.runs.config import FederationConfig, load_config
 from fedscore.runs.pruning import BUDGETS, run_config
-from fedscore.runs.train import build_model_for
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 

@@ -31,7 +31,7 @@ def test_report_writes_both_files_and_puts_the_observation_below_the_bound(tmp_p
     assert "conditions: all met" in text
     dominant = theorem1(**GOOD).dominant
     assert f"dominant term `{dominant}`" in text
-    assert f"**{R._f(total)}**" in text  # the bound's total, as computed by theorem1
+    assert f"**{R.fmt(total)}**" in text  # the bound's total, as computed by theorem1
     for term in theorem1(**GOOD).terms:
         assert f"| {term} |" in text
     assert "## Corollary 1" in text
@@ -84,7 +84,7 @@ def test_missing_eta_uses_corollary_1_step_size(tmp_path):
     given = {k: v for k, v in GOOD.items() if k != "eta"}
     text = R.bound_report(given, tmp_path).read_text()
     eta = (6 / (5 * 300)) ** 0.5
-    assert f"Corollary 1's eta = sqrt(Gamma*/(S Q))={R._f(eta)}" in text
+    assert f"Corollary 1's eta = sqrt(Gamma*/(S Q))={R.fmt(eta)}" in text
 
 
 def test_missing_constant_is_named_with_a_hint(tmp_path):

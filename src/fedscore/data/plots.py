@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedscore import plotting
 from fedscore.data.partition import class_histogram
 
 
@@ -16,14 +17,7 @@ def plot_partition(
     columns, every cell annotated with its count, row totals on the right. Returns path."""
     hist = class_histogram(labels, parts, n_classes)
     n_workers, k = hist.shape
-    # imported here: matplotlib costs ~0.4 s to import, and every Flower ClientApp process
-    # (one per round) imports fedscore.data without plotting anything
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # A Figure with its own Agg canvas: no pyplot state, no global backend switch.
-    fig = Figure(figsize=(1.0 + 0.55 * k, 0.9 + 0.4 * n_workers))
-    FigureCanvasAgg(fig)
+    fig = plotting.figure(figsize=(1.0 + 0.55 * k, 0.9 + 0.4 * n_workers))
     ax = fig.add_subplot()
     im = ax.imshow(hist, cmap="Blues", aspect="auto", vmin=0)
     if hist.size <= 900:  # counts stay legible up to ~30 x 30 cells

@@ -15,7 +15,7 @@ import math
 import re
 from pathlib import Path
 
-from fedscore.runs.checkpoint import atomic_write_text
+from fedscore.io import atomic_write_text
 from fedscore.runs.evaluate import json_safe
 
 Block = tuple

@@ -11,7 +11,8 @@ from fedscore.diffusion.losses import (
     to_eps,
     to_score,
 )
-from fedscore.diffusion.samplers import SAMPLERS, prior, sample
+from fedscore.diffusion.samplers import SAMPLERS, Observer, prior, sample
+from fedscore.diffusion.score_model import ScoreModel
 from fedscore.diffusion.sde import (
     clip_denoised,
     conditional_score,
@@ -23,8 +24,10 @@ from fedscore.diffusion.sde import (
 
 __all__ = [
     "GRIDS",
+    "Observer",
     "PARAMETERISATIONS",
     "SAMPLERS",
+    "ScoreModel",
     "WEIGHTINGS",
     "clip_denoised",
     "conditional_score",

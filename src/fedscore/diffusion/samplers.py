@@ -7,8 +7,8 @@ s' = times[k+1] with length h = gamma_k = s - s'.
 
 Every sampler is one step rule `(score_fn, x, s, s_next, noise_fn) -> (x_next, score)` run
 by the single loop in `sample` (k-diffusion's shape: no hidden step counter). After each
-step the loop calls `score_fn.observe(x_prev, x_next, t_prev, t_next)` when the score
-function has such a method (federated inference's density tracking uses it), and the
+step the loop calls `observer.observe(x_prev, x_next, t_prev, t_next)` (the `Observer`
+protocol; federated inference's mixture tracks its agents' densities this way), and the
 optional `callback(dict)` with the step's score too.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -26,6 +27,15 @@ from fedscore.errors import FedscoreError, unknown
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[], Tensor]
 Step = Callable[[ScoreFn, Tensor, float, float, NoiseFn], tuple[Tensor, Tensor]]
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Watches the trajectory: called once after every step of `sample`, with the step's
+    start and end x (B, ...) and forward times t_prev > t_next as (B,) tensors."""
+
+    def observe(self, x_prev: Tensor, x_next: Tensor, t_prev: Tensor, t_next: Tensor) -> None:
+        ...
 
 
 def _t(x: Tensor, s: float) -> Tensor:
@@ -108,14 +118,19 @@ def sample(
     method: str = "exp-integrator",
     generator: torch.Generator | None = None,
     *,
+    observer: Observer | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Run the reverse process from x_T at forward time times[0] down to times[-1].
 
-    score_fn(x, t) -> score, with t a (B,) tensor of forward times. If score_fn has a method
-    observe(x_prev, x_next, t_prev, t_next) (t's as (B,) tensors) it is called after every
-    step; `callback` receives {"k", "x", "x_next", "t", "t_next", "score"}.
+    score_fn(x, t) -> score, with t a (B,) tensor of forward times.
+    observer: its observe(x_prev, x_next, t_prev, t_next) is called once after every step
+        (t's as (B,) tensors). Default: score_fn itself when it has an `observe` method
+        (SPEC §6), so a mixture passed as score_fn tracks its weights unaided. Pass the
+        observer explicitly when score_fn wraps it (e.g. `clip_denoised(mixture)` with
+        observer=mixture); an explicit observer replaces the default, it is not added.
+    callback: receives {"k", "x", "x_next", "t", "t_next", "score"} after every step.
     """
     if method not in SAMPLERS:
         raise unknown("sampler", method, SAMPLERS)
@@ -124,7 +139,15 @@ def sample(
     if not bool((times[:-1] > times[1:]).all()):
         raise FedscoreError("times must be forward times in strictly descending order")
     step = SAMPLERS[method]
-    observe = getattr(score_fn, "observe", None)
+    if observer is None:
+        observe = getattr(score_fn, "observe", None)
+    elif isinstance(observer, Observer):
+        observe = observer.observe
+    else:
+        raise FedscoreError(
+            f"observer must have a method observe(x_prev, x_next, t_prev, t_next); got "
+            f"{type(observer).__name__}"
+        )
     x = x_T
 
     def noise() -> Tensor:

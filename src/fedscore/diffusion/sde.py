@@ -77,8 +77,11 @@ def clip_denoised(score_fn, low: float = -1.0, high: float = 1.0):
     saturated all-black or all-white images, the failure we saw on mnist5k after a few
     hundred steps. With s the network's score and x0 = clip(denoised(x, s, t)), the returned
     score is (alpha_t x0 - x) / sigma_t^2, exact where the estimate is already in range.
-    Works on any (x, t) -> score callable, also stacked agents' (K, B, ...) scores, and keeps
-    their `n_agents` and `observe` (so federated inference's aggregators accept it).
+    Works on any (x, t) -> score callable, also stacked agents' (K, B, ...) scores.
+
+    The result is a plain function: it carries none of score_fn's attributes. To clip a
+    score function that watches the trajectory (the mixture aggregator), pass it to the
+    sampler as the observer: `sample(clip_denoised(mix), ..., observer=mix)`.
     """
 
     def clipped(x: Tensor, t: Tensor) -> Tensor:
@@ -86,8 +89,5 @@ def clip_denoised(score_fn, low: float = -1.0, high: float = 1.0):
         tt = as_time(t, x)
         return (mean_coef(tt) * x0 - x) / sigma(tt).pow(2)
 
-    for name in ("n_agents", "observe"):
-        if hasattr(score_fn, name):
-            setattr(clipped, name, getattr(score_fn, name))
     return clipped
 

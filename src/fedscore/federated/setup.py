@@ -30,8 +30,8 @@ from fedscore.federated.local import local_update
 from fedscore.federated.masks import build_masks
 from fedscore.federated.optim import Optimizer, make_optimizer
 from fedscore.federated.seeding import DATA, MASKS, seed_for
+from fedscore.models.build import build_model_for
 from fedscore.runs.config import FederationConfig, RunConfig
-from fedscore.runs.train import build_model_for
 from fedscore.runtime import CPU_FP32, Runtime
 
 Params = dict[str, Tensor]

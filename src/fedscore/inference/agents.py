@@ -247,7 +247,7 @@ def train_agents(
     Returns the agents' run folders.
     """
     from fedscore import data as datasets
-    from fedscore.runs.checkpoint import atomic_write_text
+    from fedscore.io import atomic_write_text
     from fedscore.runs.config import dump_config
     from fedscore.runs.folder import RunFolder
     from fedscore.runs.train import train_central

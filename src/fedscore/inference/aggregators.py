@@ -1,8 +1,10 @@
 """Aggregators: K agents' scores -> one score function for the unchanged samplers (SPEC §3).
 
 Every aggregator reads the agents through one callable `scores(x, t) -> (K, B, *x.shape[1:])`
-(a stack of K score functions, or K networks evaluated in one vectorised call, see
-agents.py) and is itself a score function `(x, t) -> (B, ...)`.
+(a stack of K score functions, K networks evaluated in one vectorised call, see agents.py,
+or either wrapped, e.g. by diffusion.clip_denoised) and is itself a score function
+`(x, t) -> (B, ...)`. K is read from the scores' leading axis, so a wrapper need carry no
+attribute.
 
 - `mean`     the FI paper: (1/K) sum_i s_i. This is the score of the normalised geometric
              mean prod_i q_t^i^{1/K} (a soft AND), not of the agents' mixture: where the
@@ -39,15 +41,37 @@ def stack_scores(score_fns: Sequence[ScoreFn]) -> MultiScore:
     def scores(x: Tensor, t: Tensor) -> Tensor:
         return torch.stack([f(x, t) for f in fns])
 
-    scores.n_agents = len(fns)  # type: ignore[attr-defined]
     return scores
 
 
-def _as_multi(agents) -> tuple[MultiScore, int]:
-    if callable(agents) and hasattr(agents, "n_agents"):
-        return agents, int(agents.n_agents)
-    fns = list(agents)
-    return stack_scores(fns), len(fns)
+class _Agents:
+    """The agents an aggregator combines: a list of K score functions, or one callable
+    (x, t) -> (K, B, ...). `n_agents` is K: known from the list (or the callable's own
+    `n_agents`, as StackedAgents has), else from the first scores evaluated."""
+
+    def __init__(self, agents):
+        if callable(agents):
+            self.scores: MultiScore = agents
+            n = getattr(agents, "n_agents", None)
+            self.n_agents: int | None = None if n is None else int(n)
+        else:
+            fns = list(agents)
+            self.scores, self.n_agents = stack_scores(fns), len(fns)
+
+    def agent_scores(self, x: Tensor, t: Tensor) -> Tensor:
+        """(K, B, ...) scores of the agents at x (B, ...)."""
+        s = self.scores(x, t)
+        if s.ndim != x.ndim + 1 or s.shape[1:] != x.shape:
+            raise FedscoreError(
+                f"the agents' scores have shape {tuple(s.shape)} for x of shape "
+                f"{tuple(x.shape)}; a callable of agents must return (K, *x.shape) — pass "
+                "separate score functions as a list"
+            )
+        if self.n_agents is None:
+            self.n_agents = s.shape[0]
+        elif s.shape[0] != self.n_agents:
+            raise FedscoreError(f"expected {self.n_agents} agents' scores, got {s.shape[0]}")
+        return s
 
 
 def _weights(weights, k: int, batch: int, device) -> Tensor:
@@ -72,27 +96,24 @@ def _combine(scores: Tensor, w: Tensor) -> Tensor:
     return (w.T.reshape(shape).to(scores.dtype) * scores).sum(0)
 
 
-class MeanAggregator:
+class MeanAggregator(_Agents):
     """The FI paper's aggregator: the uniform average of the agents' scores."""
 
-    def __init__(self, agents):
-        self.scores, self.n_agents = _as_multi(agents)
-
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.scores(x, t).mean(0)
+        return self.agent_scores(x, t).mean(0)
 
 
-class WeightedAggregator:
+class WeightedAggregator(_Agents):
     """sum_i pi_i s_i with fixed weights pi ((K,), or (B, K) e.g. per-class counts of each
     sample's label)."""
 
     def __init__(self, agents, weights=None):
-        self.scores, self.n_agents = _as_multi(agents)
+        super().__init__(agents)
         self.weights = weights
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        w = _weights(self.weights, self.n_agents, x.shape[0], x.device)
-        return _combine(self.scores(x, t), w)
+        s = self.agent_scores(x, t)
+        return _combine(s, _weights(self.weights, self.n_agents, x.shape[0], x.device))
 
 
 def step_schedule(switch_time: float = 1.0, early: int = 1) -> Callable[[float, int], int]:
@@ -104,17 +125,18 @@ def step_schedule(switch_time: float = 1.0, early: int = 1) -> Callable[[float, 
     return schedule
 
 
-class HybridAggregator:
+class HybridAggregator(_Agents):
     """The FI paper's hybrid (its §5): at forward time t only the first m(t) agents, in
     decreasing order of weight, take part (weighted among themselves); m(t) grows as the
     reverse process approaches the data. Default: one agent above t = 1, all below."""
 
     def __init__(self, agents, weights=None, schedule=None):
-        self.scores, self.n_agents = _as_multi(agents)
+        super().__init__(agents)
         self.weights = weights
         self.schedule = schedule or step_schedule()
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        s = self.agent_scores(x, t)
         k = self.n_agents
         m = self.schedule(float(t.reshape(-1)[0]), k)
         if not 1 <= m <= k:
@@ -123,10 +145,10 @@ class HybridAggregator:
         order = torch.argsort(w, dim=1, descending=True, stable=True)
         active = torch.zeros_like(w, dtype=torch.bool).scatter(1, order[:, :m], True)
         w = torch.where(active, w, torch.zeros_like(w))
-        return _combine(self.scores(x, t), w / w.sum(1, keepdim=True))
+        return _combine(s, w / w.sum(1, keepdim=True))
 
 
-class MixtureAggregator:
+class MixtureAggregator(_Agents):
     """The exact score of the mixture sum_i pi_i q_t^i, with the weights tracked along the
     trajectory (no extra network calls, no data shared, no retraining).
 
@@ -150,7 +172,7 @@ class MixtureAggregator:
     """
 
     def __init__(self, agents, weights=None):
-        self.scores, self.n_agents = _as_multi(agents)
+        super().__init__(agents)
         self.weights = weights
         self.reset()
 
@@ -165,9 +187,9 @@ class MixtureAggregator:
         return torch.softmax(self.log_w, dim=1)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        s = self.agent_scores(x, t)
         if self.log_w is None or self.log_w.shape[0] != x.shape[0]:
             self.log_w = torch.log(_weights(self.weights, self.n_agents, x.shape[0], x.device))
-        s = self.scores(x, t)
         self._cache = (x, s)
         return _combine(s, self.weights_now())
 
@@ -175,7 +197,7 @@ class MixtureAggregator:
         if self._cache is not None and self._cache[0] is x_prev:
             s = self._cache[1]
         else:  # the sampler evaluated elsewhere last (e.g. a Heun corrector): recompute
-            s = self.scores(x_prev, t_prev)
+            s = self.agent_scores(x_prev, t_prev)
         h = (t_prev - t_next).to(torch.float64).reshape(-1, 1)  # (B, 1)
         s64 = s.flatten(2).to(torch.float64)  # (K, B, D)
         dx = (x_next - x_prev - h.reshape(-1, *[1] * (x_prev.ndim - 1)) * x_prev)
@@ -197,7 +219,7 @@ AGGREGATORS: dict[str, Callable[..., ScoreFn]] = {
 def combine(score_fns, aggregator: str = "mean", weights=None, **options) -> ScoreFn:
     """One score function from K agents (SPEC §6).
 
-    score_fns: a list of score functions, or a stacked callable with `n_agents`.
+    score_fns: a list of score functions, or one callable (x, t) -> (K, B, ...).
     weights:   pi, (K,) or (B, K); used by weighted, hybrid and mixture (uniform if None).
     options:   `schedule=` for hybrid.
     """

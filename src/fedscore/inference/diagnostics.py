@@ -56,23 +56,13 @@ def score_diagnostics(
                     y = torch.full((x.shape[0],), label, dtype=torch.long)
                     t = torch.full((x.shape[0],), frac * T, dtype=x.dtype)
                     v = agent_scores(x, t, y)
-                    multi = _fixed(v)
-                    agg = combine(multi, aggregator,
+                    # the aggregator reads the precomputed scores instead of the networks
+                    agg = combine(lambda _x, _t, v=v: v, aggregator,
                                   weights=weights(y) if weights is not None else None)
                     magnitude, cosine = batch_diagnostics(v, agg(x, t))
                     records.append({"label": label, "t": frac, "input": kind,
                                     "magnitude": magnitude, "cosine": cosine})
     return records
-
-
-def _fixed(v: Tensor):
-    """A multi-score callable that returns precomputed agents' scores."""
-
-    def scores(x: Tensor, t: Tensor) -> Tensor:
-        return v
-
-    scores.n_agents = v.shape[0]  # type: ignore[attr-defined]
-    return scores
 
 
 def write_csv(records: list[dict], path: Path) -> Path:

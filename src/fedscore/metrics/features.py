@@ -35,10 +35,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from fedscore import data
 from fedscore.cache import cache_root  # noqa: F401  (public here since the evaluation issue)
 from fedscore.errors import FedscoreError
+from fedscore.io import atomic_write, atomic_write_json
 from fedscore.metrics.stats import FeatureStats
 
 log = logging.getLogger(__name__)
@@ -123,8 +127,6 @@ def train_classifier(
 ) -> SmallCNN:
     """Adam with a one-cycle learning rate, cross-entropy, random shifts of up to
     `max_shift` pixels per batch (background is -1, so rolling the image is a shift)."""
-    from tqdm.auto import tqdm
-
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     bs, epochs, shift = int(recipe["batch_size"]), int(recipe["epochs"]), int(recipe["max_shift"])
     n = images.shape[0]
@@ -253,8 +255,6 @@ def _recipe_hash(recipe: dict[str, Any]) -> str:
 
 def _load_entry(weights: Path, meta_path: Path, model: SmallCNN, expect: dict[str, str]):
     """The cached test accuracy after loading weights into model, or the reason it fails."""
-    from safetensors.torch import load_file
-
     if not weights.exists() and not meta_path.exists():
         return None, None  # no entry: a first use, nothing to log
     try:
@@ -310,8 +310,6 @@ def get_extractor(
     dataset's training split on first use (tqdm progress bar), evaluated on its test split
     and cached. `recipe` overrides entries of RECIPES[dataset]; `floor` overrides
     ACCURACY_FLOORS[dataset]; `data_root` is passed to `fedscore.data.load`."""
-    from fedscore import data
-    from fedscore.runs.checkpoint import atomic_write, atomic_write_text
 
     if dataset.startswith("gmm:"):
         raise FedscoreError(
@@ -355,8 +353,6 @@ def get_extractor(
         train_classifier(model, images, labels, rec, progress=progress, desc=desc)
         test_images, test_labels = data.load(dataset, split=TEST_SPLIT, data_root=data_root)
         acc = _accuracy(model, test_images, test_labels)
-        from safetensors.torch import save_file
-
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         atomic_write(weights, lambda tmp: save_file(state, tmp))
         meta = {
@@ -372,12 +368,10 @@ def get_extractor(
             "weights_size": weights.stat().st_size,
             "weights_sha256": _sha256_file(weights),
         }
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        atomic_write_json(meta_path, meta)
         msg = f"{dataset} feature classifier: held-out accuracy {acc:.4f} (floor {floor:.2f})"
         log.info(msg)
         if progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(msg)
     return FeatureExtractor(
         model,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fedscore.errors import FedscoreError
-from fedscore.metrics.stats import FeatureStats, _as_features
+from fedscore.metrics.stats import FeatureStats, as_features
 
 
 def _psd_sqrt(s: Tensor) -> Tensor:
@@ -60,8 +60,8 @@ def fid_from_stats(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
 
 def fid_from_features(real_feats: Tensor, fake_feats: Tensor) -> float:
     """FID between two feature sets, real (n1, k) and fake (n2, k), n1, n2 >= 2."""
-    real = _as_features(real_feats, "real features")
-    fake = _as_features(fake_feats, "fake features")
+    real = as_features(real_feats, "real features")
+    fake = as_features(fake_feats, "fake features")
     if real.shape[1] != fake.shape[1]:
         raise FedscoreError(
             f"real and fake features must have the same dimension; got {real.shape[1]} "

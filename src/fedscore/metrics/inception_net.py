@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from fedscore.errors import FedscoreError
 from fedscore.metrics.stats import FeatureStats
@@ -46,6 +48,7 @@ EXPECTED_FORMAT = (
 
 def _tf_pool_blocks():
     """torchvision Inception blocks whose pooling branch follows the TF graph."""
+    # torchvision is imported on use: it takes seconds, and only FID/IS with Inception need it
     from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
     def exclude_pad(cls):
@@ -102,8 +105,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"pass --inception-weights with the path of a local copy of {EXPECTED_FORMAT}"
         )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
@@ -160,8 +161,6 @@ class InceptionNet:
         self, images: Tensor, batch_size: int = 64, progress: bool = False
     ) -> tuple[Tensor, Tensor]:
         """(pool3 (n, 2048), logits (n, classes)) on the CPU, float64 features, in one pass."""
-        from tqdm.auto import tqdm
-
         images = torch.as_tensor(images)
         if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
             raise FedscoreError(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fedscore.errors import FedscoreError
-from fedscore.metrics.stats import _as_features
+from fedscore.metrics.stats import as_features
 
 
 def _poly_kernel(x: Tensor, y: Tensor, degree: int, gamma: float, coef: float) -> Tensor:
@@ -47,8 +47,8 @@ def kid(
 
     real (n1, k), fake (n2, k); subset_size is capped at min(n1, n2) (>= 2 needed);
     gamma defaults to 1/k. Subsets are drawn without replacement with `generator`."""
-    real = _as_features(real_feats, "real features").to(torch.float64)
-    fake = _as_features(fake_feats, "fake features").to(torch.float64)
+    real = as_features(real_feats, "real features").to(torch.float64)
+    fake = as_features(fake_feats, "fake features").to(torch.float64)
     if real.shape[1] != fake.shape[1]:
         raise FedscoreError(
             f"real and fake features must have the same dimension; got {real.shape[1]} "

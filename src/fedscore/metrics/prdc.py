@@ -20,14 +20,14 @@ import torch
 from torch import Tensor
 
 from fedscore.errors import FedscoreError
-from fedscore.metrics.stats import _as_features
+from fedscore.metrics.stats import as_features
 
 BLOCK = 1024
 
 
 def _check(real_feats: Tensor, fake_feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    real = _as_features(real_feats, "real features").to(torch.float64)
-    fake = _as_features(fake_feats, "fake features").to(torch.float64)
+    real = as_features(real_feats, "real features").to(torch.float64)
+    fake = as_features(fake_feats, "fake features").to(torch.float64)
     if real.shape[1] != fake.shape[1]:
         raise FedscoreError(
             f"real and fake features must have the same dimension; got {real.shape[1]} "

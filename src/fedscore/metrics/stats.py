@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from fedscore.errors import FedscoreError
@@ -54,7 +56,7 @@ class FeatureStats:
     @classmethod
     def from_features(cls, feats: Tensor) -> FeatureStats:
         """Statistics of features (n, k), accumulated in float64."""
-        feats = _as_features(feats, "features")
+        feats = as_features(feats, "features")
         f = feats.detach().to(torch.float64)
         return cls(f.shape[0], f.sum(0), f.T @ f)
 
@@ -91,8 +93,6 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as safetensors (tensors n, sum, outer; format tag in the metadata)."""
-        from safetensors.torch import save_file
-
         tensors = {
             "n": torch.tensor([self.n], dtype=torch.int64),
             "sum": self.sum.contiguous(),
@@ -103,8 +103,6 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         """Read statistics written by `save`; a file that is not one is a FedscoreError."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FedscoreError(f"feature statistics file {str(path)!r} does not exist")
@@ -127,7 +125,7 @@ class FeatureStats:
         return cls(int(n[0]), s.to(torch.float64), o.to(torch.float64))
 
 
-def _as_features(feats: Tensor, name: str) -> Tensor:
+def as_features(feats: Tensor, name: str) -> Tensor:
     """Validate a feature matrix (n, k): 2-D, non-empty, finite."""
     feats = torch.as_tensor(feats)
     if feats.ndim != 2:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fedscore.errors import FedscoreError
+from fedscore.metrics.kid import mmd2_unbiased
 
 MEDIAN_POINTS = 2000
 
@@ -63,8 +64,6 @@ def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | Sequence[float] | None = N
     The median heuristic sees the global layout (mode positions and weights); on a ring of
     narrow modes it is nearly blind to each mode's width. Pass h near the mode scale, or a
     list spanning scales, to see within-mode errors."""
-    from fedscore.metrics.kid import mmd2_unbiased
-
     x, y = _pair(x, y)
     if bandwidth is None:
         hs = [median_bandwidth(x, y)]

@@ -6,11 +6,19 @@ or None (class-conditional networks read None as a "null" label). The caller dec
 whether out is eps or the score. Every network here runs under torch.func.functional_call,
 vmap and grad (the federated engine stacks workers' parameters on a leading axis).
 
+`build.py` builds the network a run config names and loads its trained weights.
 diffusers is imported only when a diffusers kind is built.
 """
 
 from __future__ import annotations
 
+from fedscore.models.build import (
+    ModelSpec,
+    build_model_for,
+    load_trained,
+    load_weights,
+    save_weights,
+)
 from fedscore.models.ema import ema_decay, ema_init, ema_update, ema_update_
 from fedscore.models.mlp import ScoreMLP, time_embedding
 from fedscore.models.registry import MODELS, build_model, count_params
@@ -19,15 +27,20 @@ from fedscore.models.unet import UNet, unet_preset
 
 __all__ = [
     "MODELS",
+    "ModelSpec",
     "UNET_PRESETS",
     "ScoreMLP",
     "UNet",
     "build_model",
+    "build_model_for",
     "count_params",
     "ema_decay",
     "ema_init",
     "ema_update",
     "ema_update_",
+    "load_trained",
+    "load_weights",
+    "save_weights",
     "time_embedding",
     "unet_preset",
 ]

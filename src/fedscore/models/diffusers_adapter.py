@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fedscore.diffusion.grids import ddpm_betas
 from fedscore.errors import FedscoreError, unknown
 
 FI_PAPER = {  # the FI paper's Appendix B, Table 2 (UNet2DConditionModel)
@@ -66,8 +67,6 @@ def _log(t: Tensor, T: float, delta: float) -> Tensor:
 def _ddpm(t: Tensor, T: float, delta: float) -> Tensor:
     """Fractional DDPM index: k with t_k = -0.5 log alpha_bar_k (linear betas 1e-4..0.02),
     interpolated linearly between integers and clamped to [0, 999] outside the table."""
-    from fedscore.diffusion.grids import ddpm_betas
-
     table = (-0.5 * torch.log(torch.cumprod(1.0 - ddpm_betas(DDPM_STEPS), 0))).to(t)
     # a comparison count instead of searchsorted: plain broadcasting, vmap-safe
     k = (t[:, None] >= table[None, :]).sum(-1).clamp(1, DDPM_STEPS - 1)

@@ -100,7 +100,7 @@ class ScoreMLP(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_positive(dim=dim, hidden=hidden, depth=depth, time_dim=time_dim)
+        check_positive(dim=dim, hidden=hidden, depth=depth, time_dim=time_dim)
         if time_dim % 2:
             raise FedscoreError(f"time_dim must be even (sin and cos halves), got {time_dim}")
         self.time_dim = time_dim
@@ -135,7 +135,8 @@ def add_label(
     return emb + table(y)
 
 
-def _check_positive(**sizes: int) -> None:
+def check_positive(**sizes: int) -> None:
+    """FedscoreError unless every size is a positive int (constructor arguments of the nets)."""
     for name, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise FedscoreError(f"{name} must be a positive integer, got {value!r}")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from fedscore.errors import FedscoreError, unknown
+from fedscore.models.diffusers_adapter import diffusers_unet, fi_paper_unet
 from fedscore.models.mlp import ScoreMLP
 from fedscore.models.unet import UNet, unet_preset
 
@@ -34,8 +35,6 @@ def _diffusers(
 ) -> nn.Module:
     """A diffusers UNet2DModel (architecture="UNet2DConditionModel" for the conditional
     one) from its constructor's keyword arguments; `size` is ignored."""
-    from fedscore.models.diffusers_adapter import diffusers_unet
-
     config = {"sample_size": image_size, "in_channels": in_channels,
               "out_channels": in_channels, **config}
     return diffusers_unet(num_classes=num_classes, **config)
@@ -49,8 +48,6 @@ def _fi_paper(
     **overrides,
 ) -> nn.Module:
     """The FI paper's Appendix B UNet2DConditionModel; `size` is ignored."""
-    from fedscore.models.diffusers_adapter import fi_paper_unet
-
     return fi_paper_unet(num_classes=num_classes, sample_size=image_size,
                          in_channels=in_channels, out_channels=in_channels, **overrides)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedscore.errors import FedscoreError, unknown
-from fedscore.models.mlp import _check_positive, add_label, dropout_layer, time_embedding
+from fedscore.models.mlp import add_label, check_positive, dropout_layer, time_embedding
 
 PRESETS: dict[str, dict] = {
     # tiny: CPU tests and demos (~0.6 M parameters); attention only in the middle.
@@ -143,7 +143,7 @@ class UNet(nn.Module):
     ):
         super().__init__()
         channel_mults = tuple(channel_mults)
-        _check_positive(in_channels=in_channels, image_size=image_size, base=base,
+        check_positive(in_channels=in_channels, image_size=image_size, base=base,
                         num_res_blocks=num_res_blocks, groups=groups)
         if not channel_mults or not all(isinstance(m, int) and m > 0 for m in channel_mults):
             raise FedscoreError(

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from fedscore import data as datasets
 from fedscore.errors import FedscoreError
+from fedscore.io import atomic_write, atomic_write_text
 from fedscore.metrics.stats import FeatureStats
-from fedscore.runs.checkpoint import atomic_write, atomic_write_text
 from fedscore.runs.config import FederationConfig, RunConfig, load_config
 
 SAMPLES = "samples.npz"

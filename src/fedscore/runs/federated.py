@@ -24,10 +24,12 @@ from fedscore.federated.inprocess import InProcessTransport
 from fedscore.federated.loop import RoundEvent, run_rounds
 from fedscore.federated.optim import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, draw_batches, prepare
+from fedscore.io import atomic_write
+from fedscore.models.build import save_weights
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.config import FederationConfig, RunConfig
 from fedscore.runs.folder import RunFolder
-from fedscore.runs.train import eval_eq9, held_out_batch, save_weights
+from fedscore.runs.train import eval_eq9, held_out_batch
 from fedscore.runtime import CPU_FP32, Runtime
 
 
@@ -82,7 +84,7 @@ def save_round(folder: RunFolder, params: dict[str, Tensor], rounds_done: int,
 
 
 def save_final(folder: RunFolder, params: dict[str, Tensor]) -> None:
-    ckpt.atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(params, tmp))
+    atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(params, tmp))
 
 
 def folder_hook(folder: RunFolder, keep_opt_state: bool = False):

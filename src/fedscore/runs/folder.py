@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
+
+import fedscore
 from fedscore.errors import FedscoreError
-from fedscore.runs.checkpoint import atomic_write_text
+from fedscore.io import atomic_write_json, atomic_write_text, read_jsonl
 from fedscore.runs.config import RunConfig, dump_config
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -19,11 +23,6 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def versions() -> dict[str, str]:
     """Versions of what a run's numbers depend on."""
-    import numpy
-    import torch
-
-    import fedscore
-
     return {
         "fedscore": fedscore.__version__,
         "python": sys.version.split()[0],
@@ -64,7 +63,7 @@ class RunFolder:
             )
         folder.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder.path / "config.yaml", dump_config(cfg))
-        atomic_write_text(folder.path / "env.json", json.dumps(versions(), indent=2))
+        atomic_write_json(folder.path / "env.json", versions())
         return folder
 
     def log(self, record: dict[str, Any]) -> None:
@@ -76,7 +75,7 @@ class RunFolder:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        return read_jsonl(self.metrics_path)
 
     def truncate_metrics(self, key: str, last: int) -> None:
         """Drop records logged after the checkpoint being resumed (they will be redone)."""
@@ -85,5 +84,5 @@ class RunFolder:
 
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.path / name
-        atomic_write_text(path, json.dumps(obj, indent=2))
+        atomic_write_json(path, obj)
         return path

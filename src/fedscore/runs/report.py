@@ -7,6 +7,7 @@ samples.png for its pictures. Anything missing is reported as missing, never gue
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from fedscore.errors import FedscoreError
-from fedscore.runs.checkpoint import atomic_write_text
-from fedscore.runs.config import FederationConfig, RunConfig
+from fedscore.io import atomic_write_text
+from fedscore.plotting import pyplot
+from fedscore.runs.config import FederationConfig, RunConfig, load_config
+from fedscore.runs.folder import RunFolder
+from fedscore.runs.plots import loss_curves
 
 # eval.json keys shown in the table, in this order, with their labels; other numeric
 # top-level keys follow under their own names. (mean, std) pairs show as "mean ± std".
@@ -72,11 +76,6 @@ class RunInfo:
 
 
 def _read_run(path: Path, label: str) -> RunInfo:
-    import json
-
-    from fedscore.runs.config import load_config
-    from fedscore.runs.folder import RunFolder
-
     if not path.is_dir():
         raise FedscoreError(f"run folder {str(path)!r} does not exist")
     has_cfg = (path / "config.yaml").is_file()
@@ -204,7 +203,6 @@ def _pruning_rows(runs: list[RunInfo]) -> list[list[str]]:
 
 def _plot_losses(runs: list[RunInfo], out: Path) -> list[tuple[str, Path]]:
     """One figure per x axis in use ("step" for centralised, "round" for federated)."""
-    from fedscore.runs.plots import loss_curves
 
     figures = []
     for x_key in ("step", "round"):
@@ -224,11 +222,7 @@ def _plot_losses(runs: list[RunInfo], out: Path) -> list[tuple[str, Path]]:
 
 
 def _plot_pruning(runs: list[RunInfo], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in PRUNING_PLOTS if any(k in rec for r in runs for rec in r.records)]
     if not keys:
         return None

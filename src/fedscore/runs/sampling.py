@@ -9,13 +9,13 @@ from fedscore import diffusion
 from fedscore.runs.config import RunConfig
 
 
-def model_score_fn(model: nn.Module, cfg: RunConfig, labels: Tensor | None = None):
-    """(x, t) -> score of a trained model, labels bound for class-conditional models."""
-
-    def net(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, labels if cfg.model.conditional else None)
-
-    return diffusion.score_fn_of(net, cfg.diffusion.parameterisation)
+def model_score_fn(
+    model: nn.Module, cfg: RunConfig, labels: Tensor | None = None
+) -> diffusion.ScoreModel:
+    """(x, t) -> score of a run's model: its parameterisation, and the labels (B,) bound
+    when the model is class-conditional (ignored otherwise)."""
+    return diffusion.ScoreModel(model, cfg.diffusion.parameterisation,
+                                labels if cfg.model.conditional else None)
 
 
 def sampling_grid(cfg: RunConfig) -> Tensor:

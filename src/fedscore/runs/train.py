@@ -20,10 +20,14 @@ from tqdm.auto import tqdm
 from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.errors import DivergenceError, FedscoreError
-from fedscore.models import build_model, ema_update
+from fedscore.io import atomic_write
+from fedscore.models import ema_update
+from fedscore.models.build import build_model_for, load_trained, save_weights
 from fedscore.runs import checkpoint as ckpt
-from fedscore.runs.config import ModelConfig, RunConfig
+from fedscore.runs.config import RunConfig, load_config
 from fedscore.runs.folder import RunFolder
+from fedscore.runs.plots import image_grid
+from fedscore.runs.sampling import model_score_fn, sample_model
 
 
 @dataclass
@@ -34,42 +38,6 @@ class TrainResult:
     final_loss: float
     eq9: float
     seconds: float
-
-
-def build_model_for(
-    cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int | None, seed: int = 0
-):
-    """The score network a config names, sized for the data it will see, its initial
-    weights drawn from `seed` (in a forked RNG, so no global state is touched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _build(cfg, sample_shape, num_classes)
-
-
-def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_classes: int | None):
-    nc = num_classes if cfg.conditional else None
-    if cfg.kind == "mlp":
-        if len(sample_shape) != 1:
-            raise FedscoreError(
-                f"model.kind 'mlp' takes vector data, but the data have shape {sample_shape}; "
-                "use model.kind: unet for images"
-            )
-        return build_model("mlp", dim=sample_shape[0], num_classes=nc, **cfg.options)
-    if len(sample_shape) != 3:
-        raise FedscoreError(f"model.kind {cfg.kind!r} takes images (C, H, W), got {sample_shape}")
-    c, h, _ = sample_shape
-    return build_model(
-        cfg.kind, size=cfg.size, in_channels=c, image_size=h, num_classes=nc, **cfg.options
-    )
-
-
-def net_fn(model: nn.Module, y: Tensor | None):
-    """(x, t) -> raw output of `model` with labels y bound (None: unconditional)."""
-
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, y)
-
-    return fn
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -89,10 +57,8 @@ def held_out_batch(cfg: RunConfig, n: int) -> tuple[Tensor, Tensor]:
 def eval_eq9(cfg: RunConfig, model: nn.Module, x0: Tensor, y: Tensor, times: Tensor) -> float:
     """Eq. 9's value of `model` on a held-out batch, with noise fixed by the run's seed."""
     model.eval()
-    score = diffusion.score_fn_of(
-        net_fn(model, y if cfg.model.conditional else None), cfg.diffusion.parameterisation
-    )
-    value = diffusion.eq9_value(score, x0, times, torch.Generator().manual_seed(20_000 + cfg.seed))
+    g = torch.Generator().manual_seed(20_000 + cfg.seed)
+    value = diffusion.eq9_value(model_score_fn(model, cfg, y), x0, times, g)
     model.train()
     return value
 
@@ -139,7 +105,7 @@ def train_central(
         y = labels[idx] if cfg.model.conditional else None
         t, eps = diffusion.draw_noise(x0, times, cfg.diffusion.weighting, g)
         loss = diffusion.dsm_loss(
-            net_fn(model, y), x0, t, eps,
+            model_score_fn(model, cfg, y).net_fn, x0, t, eps,
             weighting=cfg.diffusion.weighting,
             parameterisation=cfg.diffusion.parameterisation,
             total_time=total_time,
@@ -172,10 +138,7 @@ def train_central(
         if done % cfg.train.checkpoint_every == 0 or done == steps:
             _save(cfg, folder, model, opt, g, ema, done)
     final = _final_weights(model, ema)
-    ckpt.atomic_write(
-        folder.path / "model.safetensors",
-        lambda tmp: save_weights(final, tmp),
-    )
+    atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(final, tmp))
     eq9 = folder.metrics()[-1].get("eq9_heldout", float("nan")) if folder.metrics() else float(
         "nan")
     if images.ndim == 4:
@@ -189,9 +152,6 @@ def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tenso
                       *, sample_shape: tuple[int, ...], num_classes: int, n_per_class: int = 10,
                       progress: bool = False):
     """A grid of samples from `weights` (one row per class when conditional) at `path`."""
-    from fedscore.runs.plots import image_grid
-    from fedscore.runs.sampling import sample_model
-
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     model.load_state_dict(weights, strict=False)
     model.eval()
@@ -207,12 +167,6 @@ def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tenso
 def _final_weights(model: nn.Module, ema: dict[str, Tensor] | None) -> dict[str, Tensor]:
     """Weights used for sampling: the EMA when the run keeps one."""
     return ema if ema is not None else {k: v.detach() for k, v in model.named_parameters()}
-
-
-def save_weights(weights: dict[str, Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in weights.items()}, path)
 
 
 def _save(cfg, folder, model, opt, g, ema, step) -> None:
@@ -249,11 +203,8 @@ def _restore(cfg, folder, model, opt, g, ema):
 
 
 def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
-    """The trained model of a run folder (EMA weights when kept), ready for sampling."""
-    from safetensors.torch import load_file
-
-    from fedscore.runs.config import load_config
-
+    """The trained model of a run folder (EMA weights when kept), ready for sampling, and
+    the run's config. The model's size comes from `data.info` (no data is loaded)."""
     run_dir = Path(run_dir)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
@@ -262,16 +213,7 @@ def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
             "with `fedscore train --config ...`"
         )
     cfg = load_config(run_dir / "config.yaml")
-    images, labels = datasets.load(cfg.data.name, split="test", data_root=cfg.data.data_root)
-    model = build_model_for(cfg.model, tuple(images.shape[1:]), int(labels.max()) + 1)
-    try:
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    except Exception as err:  # safetensors or shape mismatch: one clear message
-        raise FedscoreError(f"cannot load {str(weights)!r}: {err}") from None
-    params = dict(model.named_parameters())
-    if unexpected or any(k in params for k in missing):
-        raise FedscoreError(
-            f"{str(weights)!r} does not match the model of {str(run_dir / 'config.yaml')!r}"
-        )
-    model.eval()
+    info = datasets.info(cfg.data.name)
+    model = load_trained(cfg.model, weights, tuple(info.shape), info.classes,
+                         config=repr(str(run_dir / "config.yaml")))
     return model, cfg

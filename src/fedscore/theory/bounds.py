@@ -41,17 +41,17 @@ from fedscore.theory.result import (
     COND_W,
     SQRT2_2,
     Bound,
-    _ceil,
-    _check_q,
-    _check_w_gamma,
-    _Checks,
-    _common,
-    _div,
-    _drift_sum,
-    _f,
-    _grid,
-    _loss_notes,
-    _num,
+    Checks,
+    ceil_count,
+    check_grid,
+    check_number,
+    check_q,
+    check_w_gamma,
+    common_constants,
+    div_or_inf,
+    drift_sum,
+    fmt,
+    loss_notes,
 )
 
 # The condition keys are re-exported: callers test `Bound.conditions` against them.
@@ -94,28 +94,28 @@ def theorem1(
     (H_1 <= -eta S/6 and H_0 >= 2/3 in Appendix D), w in [0, sqrt(2)/2), Gamma* >= 1.
     The bound never falls below (3/2)(sigma_1^2 + sigma_2^2), whatever Q.
     """
-    L, w, s1, s2, N, S, Q, gs, F0, th = _common(
+    L, w, s1, s2, N, S, Q, gs, F0, th = common_constants(
         L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq
     )
-    eta = _num("eta", eta, strict=True)
-    FQ = _num("FQ", FQ, minimum=-math.inf)
-    checks = _Checks()
-    eta_step = _div(1.0, 27 * S * L)
-    drift = _drift_sum(L, S, w)
-    eta_drift = 0.0 if math.isinf(drift) else _div(1.0, math.sqrt(3 * drift))
-    checks.need(COND_ETA_STEP, eta <= eta_step, f"eta={_f(eta)} > 1/(27 S L)={_f(eta_step)}")
+    eta = check_number("eta", eta, strict=True)
+    FQ = check_number("FQ", FQ, minimum=-math.inf)
+    checks = Checks()
+    eta_step = div_or_inf(1.0, 27 * S * L)
+    drift = drift_sum(L, S, w)
+    eta_drift = 0.0 if math.isinf(drift) else div_or_inf(1.0, math.sqrt(3 * drift))
+    checks.need(COND_ETA_STEP, eta <= eta_step, f"eta={fmt(eta)} > 1/(27 S L)={fmt(eta_step)}")
     checks.need(
         COND_ETA_DRIFT,
         eta <= eta_drift,
-        f"eta={_f(eta)} > sqrt(1/(3(8 L^2 S^2 + 16 S^2 L^2 w^2/(1-2w^2))))={_f(eta_drift)}",
+        f"eta={fmt(eta)} > sqrt(1/(3(8 L^2 S^2 + 16 S^2 L^2 w^2/(1-2w^2))))={fmt(eta_drift)}",
     )
-    _check_w_gamma(checks, w, gs, N)
+    check_w_gamma(checks, w, gs, N)
     one_m = 1.0 - 2.0 * w * w
     var = 9 * eta * S * L / 2 + 1.5
     terms = {
         "optimisation": 6 * (F0 - FQ) / (eta * S * Q),
-        "pruning_init": _div((54 * eta * S * L**3 + 18 * L**2) * w**4 * th, Q * one_m),
-        "sgd_noise_coverage": _div(9 * eta * L * N * s1**2, gs**2),
+        "pruning_init": div_or_inf((54 * eta * S * L**3 + 18 * L**2) * w**4 * th, Q * one_m),
+        "sgd_noise_coverage": div_or_inf(9 * eta * L * N * s1**2, gs**2),
         "sgd_noise": var * s1**2,
         "heterogeneity": var * s2**2,
     }
@@ -127,7 +127,7 @@ def theorem1(
     }
     return Bound(
         "Theorem 1: (1/Q) sum_q E||grad F(theta_q)||^2 <=", terms, _T1_FORMULAS,
-        checks.conditions, checks.violations, _loss_notes(F0, FQ), derived,
+        checks.conditions, checks.violations, loss_notes(F0, FQ), derived,
     )  # fmt: skip
 
 
@@ -149,20 +149,20 @@ def corollary1(
     `derived["theorem1_at_eta"]` is Theorem 1 with eta substituted in every term, which the
     printed bound dominates whenever the Q conditions hold.
     """
-    L, w, s1, s2, N, S, Q, gs, F0, th = _common(
+    L, w, s1, s2, N, S, Q, gs, F0, th = common_constants(
         L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq
     )
-    FQ = _num("FQ", FQ, minimum=-math.inf)
+    FQ = check_number("FQ", FQ, minimum=-math.inf)
     eta = math.sqrt(gs / (S * Q))
-    checks = _Checks()
-    derived = {"eta": eta, **_check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w)}
-    _check_w_gamma(checks, w, gs, N)
+    checks = Checks()
+    derived = {"eta": eta, **check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w)}
+    check_w_gamma(checks, w, gs, N)
     root = math.sqrt(gs * S * Q)
     one_m = 1.0 - 2.0 * w * w
     terms = {
-        "optimisation": _div(6 * (F0 - FQ), root),
-        "pruning_init": _div((2 + 18) * L**2 * w**4 * th, Q * one_m),
-        "sgd_noise_coverage": _div(9 * L * N * s1**2, gs * root),
+        "optimisation": div_or_inf(6 * (F0 - FQ), root),
+        "pruning_init": div_or_inf((2 + 18) * L**2 * w**4 * th, Q * one_m),
+        "sgd_noise_coverage": div_or_inf(9 * L * N * s1**2, gs * root),
         "sgd_noise": 5 / 3 * s1**2,
         "heterogeneity": 5 / 3 * s2**2,
     }
@@ -173,7 +173,7 @@ def corollary1(
         ).total  # fmt: skip
     return Bound(
         "Corollary 1: (1/Q) sum_q E||grad F(theta_q)||^2 <= (eta = sqrt(Gamma*/(S Q)))",
-        terms, _C1_FORMULAS, checks.conditions, checks.violations, _loss_notes(F0, FQ), derived,
+        terms, _C1_FORMULAS, checks.conditions, checks.violations, loss_notes(F0, FQ), derived,
     )  # fmt: skip
 
 
@@ -205,54 +205,54 @@ def corollary2(
     the denoising identity (eq. 20) has C_t = E||grad log q_t||^2 - d/(1-e^{-2t}) <= 0 by
     Jensen, C = 0 is already valid there, though the statement asks for C > 0.
     """
-    L, w, s1, s2, N, S, Q, gs, F0, th = _common(
+    L, w, s1, s2, N, S, Q, gs, F0, th = common_constants(
         L, w, sigma1, sigma2, N, gamma_star, S, Q, F0, theta0_sq
     )
-    gap = abs(_num("Fn0_minus_F0", Fn0_minus_F0, minimum=-math.inf))
-    dist = _num("theta_dist", theta_dist)
-    d = _num("d", d, minimum=1, integer=True)
-    C = _num("C", C)
-    checks = _Checks()
+    gap = abs(check_number("Fn0_minus_F0", Fn0_minus_F0, minimum=-math.inf))
+    dist = check_number("theta_dist", theta_dist)
+    d = check_number("d", d, minimum=1, integer=True)
+    C = check_number("C", C)
+    checks = Checks()
     notes: list[str] = []
     derived: dict[str, float] = {}
     if times is not None:
-        s, T, delta, K = _grid(times, T, delta, K)
+        s, T, delta, K = check_grid(times, T, delta, K)
         ratios = [(a - b) / min(1.0, b) for a, b in zip(s[:-1], s[1:])]
         k_bind = max(range(len(ratios)), key=ratios.__getitem__)
         derived["kappa_min"] = ratios[k_bind]
         if kappa is None:
             kappa = ratios[k_bind]
-            notes.append(f"kappa not given: the grid's smallest valid kappa {_f(kappa)} is used")
+            notes.append(f"kappa not given: the grid's smallest valid kappa {fmt(kappa)} is used")
     for name, value in (("T", T), ("delta", delta), ("K", K), ("kappa", kappa)):
         if value is None:
             raise FedscoreError(f"{name} is required (or pass the grid `times` to derive it)")
-    T = _num("T", T, strict=True)
-    delta = _num("delta", delta, strict=True)
-    K = _num("K", K, minimum=1, integer=True)
-    kappa = _num("kappa", kappa, strict=True)
+    T = check_number("T", T, strict=True)
+    delta = check_number("delta", delta, strict=True)
+    K = check_number("K", K, minimum=1, integer=True)
+    kappa = check_number("kappa", kappa, strict=True)
     if delta >= T:
         raise FedscoreError(f"delta must be smaller than T (got delta={delta:g}, T={T:g})")
-    checks.need(COND_T, T >= 1, f"T={_f(T)} < 1 (Corollary 2 and Benton et al. need T >= 1)")
+    checks.need(COND_T, T >= 1, f"T={fmt(T)} < 1 (Corollary 2 and Benton et al. need T >= 1)")
     if times is not None:
         # kappa >= max_k gamma_k / min(1, s_{k+1}) is the grid condition for every k at once.
         checks.need(
             COND_GRID,
             kappa >= derived["kappa_min"],
-            f"gamma_{k_bind}={_f(s[k_bind] - s[k_bind + 1])} > kappa min(1, T - t_{k_bind + 1})"
-            f"={_f(kappa * min(1.0, s[k_bind + 1]))} (kappa={_f(kappa)}; the grid needs "
-            f"kappa >= {_f(derived['kappa_min'])})",
+            f"gamma_{k_bind}={fmt(s[k_bind] - s[k_bind + 1])} > kappa min(1, T - t_{k_bind + 1})"
+            f"={fmt(kappa * min(1.0, s[k_bind + 1]))} (kappa={fmt(kappa)}; the grid needs "
+            f"kappa >= {fmt(derived['kappa_min'])})",
         )
     else:
         notes.append(f"grid not given: `{COND_GRID}` not checked")
     derived["eta"] = math.sqrt(gs / (S * Q))
-    derived.update(_check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w))
-    _check_w_gamma(checks, w, gs, N)
+    derived.update(check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w))
+    check_w_gamma(checks, w, gs, N)
     root = math.sqrt(gs * S * Q)
     one_m = 1.0 - 2.0 * w * w
     terms = {
         "init_loss": F0,
-        "pruning_init": _div((1 / 3 + 3) * root * L**2 * w**4 * th, Q * one_m),
-        "sgd_noise_coverage": _div(3 * L * N * s1**2, 2 * gs),
+        "pruning_init": div_or_inf((1 / 3 + 3) * root * L**2 * w**4 * th, Q * one_m),
+        "sgd_noise_coverage": div_or_inf(3 * L * N * s1**2, 2 * gs),
         "sgd_noise": 5 * root / 18 * s1**2,
         "heterogeneity": 5 * root / 18 * s2**2,
         "local_global_init": gap,
@@ -315,16 +315,16 @@ def remark1(
     Corollary 2 needs) when the min falls below 1. C = 0 (valid: see `corollary2`) gives
     T = 1/2 log(d/eps^2).
     """
-    eps = _num("epsilon", epsilon, strict=True)
-    d = _num("d", d, minimum=1, integer=True)
-    delta = _num("delta", delta, strict=True)
-    gs = _num("gamma_star", gamma_star)
-    S = _num("S", S, minimum=1, integer=True)
-    C = _num("C", C)
-    s1, s2 = _num("sigma1", sigma1), _num("sigma2", sigma2)
+    eps = check_number("epsilon", epsilon, strict=True)
+    d = check_number("d", d, minimum=1, integer=True)
+    delta = check_number("delta", delta, strict=True)
+    gs = check_number("gamma_star", gamma_star)
+    S = check_number("S", S, minimum=1, integer=True)
+    C = check_number("C", C)
+    s1, s2 = check_number("sigma1", sigma1), check_number("sigma2", sigma2)
     opt = {"L": L, "w": w, "theta0_sq": theta0_sq}
-    L, w, th = (None if v is None else _num(k, v) for k, v in opt.items())
-    N = None if N is None else _num("N", N, minimum=1, integer=True)
+    L, w, th = (None if v is None else check_number(k, v) for k, v in opt.items())
+    N = None if N is None else check_number("N", N, minimum=1, integer=True)
     eps2 = eps * eps
     t_forward = 0.5 * math.log(d / eps2)  # d e^{-2T} = eps^2
     t_dsm = eps2 / C if C > 0 else math.inf  # C T = eps^2
@@ -338,35 +338,35 @@ def remark1(
         T = min(t_forward, t_dsm)
         if t_dsm < t_forward:
             notes.append(
-                f"the min picks T = eps^2/C={_f(t_dsm)} < 1/2 log(d/eps^2)={_f(t_forward)}: "
+                f"the min picks T = eps^2/C={fmt(t_dsm)} < 1/2 log(d/eps^2)={fmt(t_forward)}: "
                 "then d e^{-2T} > eps^2 (no T keeps both terms below eps^2)"
             )
     else:
-        T = _num("T", T, strict=True)
+        T = check_number("T", T, strict=True)
         if T <= delta:
             raise FedscoreError(f"T must be larger than delta (got T={T:g}, delta={delta:g})")
     log_d = math.log(1.0 / delta)
-    Q = float(_ceil(gs * S / eps2**2))
-    K = float(_ceil(d * (T + log_d) ** 2 / eps2))
+    Q = float(ceil_count(gs * S / eps2**2))
+    K = float(ceil_count(d * (T + log_d) ** 2 / eps2))
     kappa = (T + log_d) / K
-    checks = _Checks()
-    checks.need(COND_T, T >= 1, f"T={_f(T)} < 1 (Corollary 2 needs T >= 1)")
-    checks.need(COND_DELTA, delta < 1, f"delta={_f(delta)} >= 1")
-    checks.need(COND_T_DELTA, T > delta, f"T={_f(T)} <= delta={_f(delta)}")
-    checks.need(COND_K, K >= log_d, f"K={_f(K)} < log(1/delta)={_f(log_d)}")
+    checks = Checks()
+    checks.need(COND_T, T >= 1, f"T={fmt(T)} < 1 (Corollary 2 needs T >= 1)")
+    checks.need(COND_DELTA, delta < 1, f"delta={fmt(delta)} >= 1")
+    checks.need(COND_T_DELTA, T > delta, f"T={fmt(T)} <= delta={fmt(delta)}")
+    checks.need(COND_K, K >= log_d, f"K={fmt(K)} < log(1/delta)={fmt(log_d)}")
     # Compared through T, the form in which the condition is exact at its threshold.
     checks.need(
         COND_FORWARD,
         T >= t_forward,
-        f"d e^(-2T)={_f(d * math.exp(-2 * T))} > eps^2={_f(eps2)} "
-        f"(T={_f(T)} < 1/2 log(d/eps^2)={_f(t_forward)})",
+        f"d e^(-2T)={fmt(d * math.exp(-2 * T))} > eps^2={fmt(eps2)} "
+        f"(T={fmt(T)} < 1/2 log(d/eps^2)={fmt(t_forward)})",
     )
     dsm = C * (T - delta)
-    checks.need(COND_DSM, dsm <= eps2, f"C (T - delta)={_f(dsm)} > eps^2={_f(eps2)}")
+    checks.need(COND_DSM, dsm <= eps2, f"C (T - delta)={fmt(dsm)} > eps^2={fmt(eps2)}")
     checks.need(
         COND_SIGMA,
         s1 == 0 and s2 == 0,
-        f"sigma1={_f(s1)}, sigma2={_f(s2)}: Remark 1 assumes both 0; the variance terms "
+        f"sigma1={fmt(s1)}, sigma2={fmt(s2)}: Remark 1 assumes both 0; the variance terms "
         "5 sqrt(Gamma* S Q)/18 sigma^2 grow as 1/eps^2 at its Q",
     )
     derived = {"T_forward": t_forward, "T_dsm": t_dsm}
@@ -374,23 +374,23 @@ def remark1(
     formulas = {"epsilon_sq": "eps^2   [absorbs O(F(theta_0)) and the local-global terms]"}
     root = math.sqrt(gs * S * Q)
     if L is not None and w is not None:
-        derived.update(_check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w))
-        _check_w_gamma(checks, w, gs, N)
+        derived.update(check_q(checks, Q=Q, gamma_star=gs, S=S, L=L, w=w))
+        check_w_gamma(checks, w, gs, N)
         if th is not None:
             one_m = 1.0 - 2.0 * w * w
-            terms["pruning_init"] = _div((1 / 3 + 3) * root * L**2 * w**4 * th, Q * one_m)
-            derived["pruning_init_remark_as_printed"] = _div(
+            terms["pruning_init"] = div_or_inf((1 / 3 + 3) * root * L**2 * w**4 * th, Q * one_m)
+            derived["pruning_init_remark_as_printed"] = div_or_inf(
                 (1 / 3 + 3) * math.sqrt(root**2 * L**2 * w**4) * th, Q * one_m
             )
     else:
-        checks.need(COND_Q_GS, Q >= gs * S, f"Q={_f(Q)} < Gamma* S={_f(gs * S)}")
-        _check_w_gamma(checks, None, gs, N)
+        checks.need(COND_Q_GS, Q >= gs * S, f"Q={fmt(Q)} < Gamma* S={fmt(gs * S)}")
+        check_w_gamma(checks, None, gs, N)
     if "pruning_init" not in terms:
         notes.append("L, w and theta0_sq not all given: the pruning term is not evaluated")
     if s1 > 0:
         if L is None or N is None:
             raise FedscoreError("L and N are needed when sigma1 > 0 (term 3 L N sigma_1^2/(2G))")
-        terms["sgd_noise_coverage"] = _div(3 * L * N * s1**2, 2 * gs)
+        terms["sgd_noise_coverage"] = div_or_inf(3 * L * N * s1**2, 2 * gs)
         terms["sgd_noise"] = 5 * root / 18 * s1**2
     if s2 > 0:
         terms["heterogeneity"] = 5 * root / 18 * s2**2
@@ -404,7 +404,7 @@ def remark1(
     )
     formulas.update({k: v for k, v in _KL_FORMULAS.items() if k in terms})
     return Bound(
-        f"Remark 1: KL(q_{{n,delta}} || p_{{n,t_K}}) = O(eps^2) for eps={_f(eps)}", terms,
+        f"Remark 1: KL(q_{{n,delta}} || p_{{n,t_K}}) = O(eps^2) for eps={fmt(eps)}", terms,
         formulas, checks.conditions, checks.violations, notes, derived,
         {"Q": int(Q), "T": T, "K": int(K), "kappa": kappa},
     )  # fmt: skip

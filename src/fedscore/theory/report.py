@@ -15,11 +15,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fedscore.errors import FedscoreError
+from fedscore.io import read_jsonl
+from fedscore.plotting import pyplot
 from fedscore.theory.bounds import corollary1, theorem1
-from fedscore.theory.result import Bound, _f
+from fedscore.theory.estimate import constants_from_metrics
+from fedscore.theory.result import Bound, fmt
 
 REQUIRED = ("L", "w", "sigma1", "sigma2", "N", "gamma_star", "S", "Q", "F0", "FQ", "theta0_sq")
 OPTIONAL = ("eta", "observed_lhs")
@@ -50,7 +54,7 @@ def _split(constants: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, An
     notes = list(constants.get("notes", []))
     if constants.get("eta") is None:
         kwargs["eta"] = math.sqrt(float(kwargs["gamma_star"]) / (kwargs["S"] * kwargs["Q"]))
-        notes.append(f"eta not given: Corollary 1's eta = sqrt(Gamma*/(S Q))={_f(kwargs['eta'])}")
+        notes.append(f"eta not given: Corollary 1's eta = sqrt(Gamma*/(S Q))={fmt(kwargs['eta'])}")
     else:
         kwargs["eta"] = constants["eta"]
     rest = {k: v for k, v in constants.items() if k not in kwargs}
@@ -97,8 +101,8 @@ def suspects(kwargs: Mapping[str, float], bound: Bound, observed: float) -> list
         out.append(
             f"L is a LOWER estimate (the largest gradient-difference ratio seen along the "
             f"trajectory; Assumption 1 needs the sup over all pairs). The bound reaches the "
-            f"observation at L >= {_f(c)} ({_f(c / L) if L > 0 else 'inf'} x the estimate), "
-            f"where eta <= {_f(eta_max)} would be needed."
+            f"observation at L >= {fmt(c)} ({fmt(c / L) if L > 0 else 'inf'} x the estimate), "
+            f"where eta <= {fmt(eta_max)} would be needed."
         )
     s1, s2 = float(kwargs["sigma1"]), float(kwargs["sigma2"])
     if s1 > 0 or s2 > 0:
@@ -107,12 +111,12 @@ def suspects(kwargs: Mapping[str, float], bound: Bound, observed: float) -> list
             out.append(
                 f"sigma_1, sigma_2 are measured only at the observed checkpoints, whereas "
                 f"Assumption 3 bounds every theta; the bound reaches the observation if both "
-                f"are {_f(c)} x larger (sigma1 >= {_f(c * s1)}, sigma2 >= {_f(c * s2)})."
+                f"are {fmt(c)} x larger (sigma1 >= {fmt(c * s1)}, sigma2 >= {fmt(c * s2)})."
             )
     gap = (observed - bound.total) * kwargs["eta"] * kwargs["S"] * kwargs["Q"] / 6
     out.append(
-        f"F(theta_0) - F(theta_Q) = {_f(kwargs['F0'] - kwargs['FQ'])} comes from finite-batch "
-        f"loss estimates; the bound reaches the observation if it is {_f(gap)} larger."
+        f"F(theta_0) - F(theta_Q) = {fmt(kwargs['F0'] - kwargs['FQ'])} comes from finite-batch "
+        f"loss estimates; the bound reaches the observation if it is {fmt(gap)} larger."
     )
     out.append(
         "The observed left-hand side averages ||grad F(theta_q)||^2 over the sampled rounds, "
@@ -132,7 +136,7 @@ def _constants_table(
     for k in (*REQUIRED, "eta", "observed_lhs", "sigma1_mean", "sigma2_mean"):
         value = kwargs.get(k, rest.get(k))
         if value is not None:
-            lines.append(f"| {k} | {_f(value)} | {sources.get(k, '')} |")
+            lines.append(f"| {k} | {fmt(value)} | {sources.get(k, '')} |")
     return lines
 
 
@@ -151,18 +155,18 @@ def bound_report(constants: Mapping[str, Any], out_dir: Path, *, title: str = ""
     total = b1.total
     share = b1.terms[b1.dominant] / total if math.isfinite(total) and total > 0 else math.nan
     lines = [f"# Theorem 1{': ' + title if title else ''}", "", "## Verdict", ""]
-    lines.append(f"Theorem 1's bound: **{_f(total)}** (dominant term `{b1.dominant}`"
+    lines.append(f"Theorem 1's bound: **{fmt(total)}** (dominant term `{b1.dominant}`"
                  + (f", {100 * share:.1f}% of it)" if math.isfinite(share) else ")"))  # fmt: skip
     if observed is None:
         lines.append("\nNo observed left-hand side given (`observed_lhs`).")
     else:
         observed = float(observed)
-        lines.append(f"\nObserved (1/Q) sum_q ||grad F(theta_q)||^2: **{_f(observed)}**")
+        lines.append(f"\nObserved (1/Q) sum_q ||grad F(theta_q)||^2: **{fmt(observed)}**")
         if observed <= total:
             lines.append(f"\nThe observation sits BELOW the bound (observed / bound = "
-                         f"{_f(observed / total) if math.isfinite(total) else 0}).")  # fmt: skip
+                         f"{fmt(observed / total) if math.isfinite(total) else 0}).")  # fmt: skip
         else:
-            ratio = _f(observed / total)
+            ratio = fmt(observed / total)
             lines += ["", f"**The bound is VIOLATED by the observation** (observed / bound = "
                       f"{ratio}). Which estimate is likely too small:", ""]  # fmt: skip
             lines += [f"{i}. {s}" for i, s in enumerate(suspects(kwargs, b1, observed), 1)]
@@ -189,12 +193,7 @@ def plot_bound_vs_q(
 ) -> Path:
     """Theorem 1's total and terms (at the run's eta) and Corollary 1's total against Q' on
     log axes; the observed left-hand side at the run's Q (and its running curve) marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     Q = int(kwargs["Q"])
     grid = np.unique(np.round(np.logspace(0, math.log10(max(100 * Q, 1000)), 120)).astype(int))
     bounds = [theorem1(**{**kwargs, "Q": int(q)}) for q in grid]
@@ -228,7 +227,7 @@ def plot_bound_vs_q(
     ax.set_yscale("log")
     ax.set_xlabel("Q (rounds)")
     ax.set_ylabel("(1/Q) sum_q ||grad F(theta_q)||^2")
-    ax.set_title(f"Theorem 1 against Q (eta={_f(kwargs['eta'])}, run Q={Q})")
+    ax.set_title(f"Theorem 1 against Q (eta={fmt(kwargs['eta'])}, run Q={Q})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -299,13 +298,10 @@ def run_bound(run_dir: Path | None, params: Path | None, out: Path | None) -> Pa
         raise FedscoreError("give either a run folder (fedscore bound RUN_DIR) or "
                             "--params file.yaml, not both and not neither")  # fmt: skip
     if run_dir is not None:
-        from fedscore.runs.folder import RunFolder
-        from fedscore.theory.estimate import constants_from_metrics
-
-        folder = RunFolder(Path(run_dir))
-        if not folder.metrics_path.is_file():
+        metrics = Path(run_dir) / "metrics.jsonl"  # a run folder's log (runs/folder.py)
+        if not metrics.is_file():
             raise FedscoreError(f"{str(run_dir)!r} is not a run folder: no metrics.jsonl in it")
-        constants = constants_from_metrics(folder.metrics())
+        constants = constants_from_metrics(read_jsonl(metrics))
         return bound_report(constants, Path(out or run_dir), title=f"run {Path(run_dir).name}")
     constants = load_params(Path(params))
     target = Path(out) if out is not None else Path("runs") / f"bound-{Path(params).stem}"
