@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedscore import toy
 from fedscore.cache import cache_root
 from fedscore.errors import FedscoreError, unknown
 
@@ -130,8 +131,6 @@ def _load_mnist5k(split: str, **_) -> tuple[Tensor, Tensor]:
 
 def _load_gmm(split: str, *, variant: str | None = None, seed: int = 0, **_):
     """Samples of a Gaussian-mixture preset of fedscore.toy; labels = component index."""
-    from fedscore import toy
-
     if not variant:
         raise FedscoreError(
             f"dataset 'gmm' needs a preset: 'gmm:<preset>' with <preset> one of: "

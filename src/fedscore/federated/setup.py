@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fedscore import data as datasets
 from fedscore import diffusion
@@ -70,10 +69,12 @@ def make_loss(model: nn.Module, cfg: RunConfig, total_time: float,
 
     def loss(params: Params, batch: tuple[Tensor, ...]) -> Tensor:
         x0, y, t, eps = batch
+        score = diffusion.ScoreModel(model, parameterisation, y if conditional else None,
+                                     params=params)
 
         def net(x: Tensor, tt: Tensor) -> Tensor:
             with runtime.autocast():
-                out = functional_call(model, params, (x, tt, y if conditional else None))
+                out = score.net_fn(x, tt)
             return out.float()
 
         return diffusion.dsm_loss(net, x0, t, eps, weighting=weighting,

@@ -31,6 +31,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscore import data as datasets
 from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
 from fedscore.flower import payload
@@ -60,8 +61,6 @@ def _own_data(cfg, node_config: dict):
     root = node_config.get("data-root")
     if not root:
         return None
-    from fedscore import data as datasets
-
     return datasets.load(cfg.data.name, split="train", data_root=str(root))
 
 
