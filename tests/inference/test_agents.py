@@ -9,7 +9,8 @@ import torch
 
 from fedscore import data, diffusion, inference
 from fedscore.errors import FedscoreError
-from fedscore.inference.agents import StackedAgents, label_weights, load_agents, train_agents
+from fedscore.experiments.agents import load_agents, train_agents
+from fedscore.inference.agents import StackedAgents, label_weights
 from fedscore.models import build_model
 from fedscore.runs.config import load_config
 from fedscore.runs.train import load_model
