@@ -91,10 +91,12 @@ class Stopwatch:
 
 
 def _same_config(path: Path, cfg) -> bool:
-    from fedscore.runs.config import dump_config
+    """Was the run in `path` made with `cfg`? Where the folder lies (out_dir) may differ:
+    a moved or copied experiment folder is still reused."""
+    from fedscore.runs.config import load_config
 
-    kept = path / "config.yaml"
-    return kept.is_file() and kept.read_text() == dump_config(cfg)
+    kept = load_config(path / "config.yaml")
+    return kept == cfg.model_copy(update={"out_dir": kept.out_dir})
 
 
 def train_federation(cfg, *, progress: bool = True) -> Trained:

@@ -72,16 +72,23 @@ def timings(ctx) -> list[Block]:
 
 
 def files(ctx) -> list[Block]:
-    items = []
-    for name, cell in ctx.preset.cells.items():
-        if cell.kind == "federated":
-            items.append(f"`{name}/`: the federated run folder (config.yaml, metrics.jsonl "
-                         "with one record per round, model.safetensors)")
-        elif cell.kind == "agents":
-            items.append(f"`{name}/agent-*`: one run folder per FI agent (class_counts.json, "
-                         "metrics.jsonl, model.safetensors, samples.png)")
+    what = {"federated": "a federated run folder (config.yaml, metrics.jsonl with one record "
+                         "per round, model.safetensors, partition.png)",
+            "agents": "one run folder per FI agent in `agent-*` (class_counts.json, "
+                      "metrics.jsonl, model.safetensors, samples.png)"}
+    items = _grouped({f"{n}/": what[c.kind] for n, c in ctx.preset.cells.items()
+                      if c.kind in what})
     items.append("`grids/`: the sample grids; `results.json`: every number above")
     return [("h2", "Files"), ("ul", items)]
+
+
+def _grouped(texts: dict[str, str]) -> list[str]:
+    """name -> text as one line per distinct text: "`a`, `b`: text" (eight cells of one
+    budget are described once)."""
+    names: dict[str, list[str]] = {}
+    for name, text in texts.items():
+        names.setdefault(text, []).append(f"`{name}`")
+    return [f"{', '.join(ns)}: {text}" for text, ns in names.items()]
 
 
 # ---------------------------------------------------------------- chosen by the preset
@@ -103,20 +110,20 @@ def loss(ctx) -> list[Block]:
 
 
 def _training_text(ctx) -> str:
-    parts = []
+    texts = {}
     for name in _cells(ctx, "federated"):
         cfg = ctx.trained[name].cfg
         f = cfg.federation
-        parts.append(
-            f"`{name}`: {f.workers} workers, {f.rounds} rounds x {f.local_steps} local "
-            f"{f.optimizer} steps (batch {f.batch_size}, lr {f.lr:g}), held-out eq. 9 every "
+        texts[name] = (
+            f"{f.workers} workers, {f.rounds} rounds x {f.local_steps} local {f.optimizer} "
+            f"steps (batch {f.batch_size}, lr {f.lr:g}), held-out eq. 9 every "
             f"{f.eval_every} round(s) on {cfg.train.eval_batch} test images over the "
             f"{cfg.diffusion.steps}-point training grid.")
     for name in _cells(ctx, "agents"):
         t = ctx.trained[name].cfg.train
-        parts.append(f"`{name}`: {t.steps} Adam steps per agent (batch {t.batch_size}, lr "
-                     f"{t.lr:g}) on its own partition only.")
-    return " ".join(parts)
+        texts[name] = (f"{t.steps} Adam steps per agent (batch {t.batch_size}, lr {t.lr:g}) "
+                       "on its own partition only.")
+    return " ".join(_grouped(texts))
 
 
 def pruning_summary(records: list[dict]) -> dict:
