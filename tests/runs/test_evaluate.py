@@ -157,9 +157,11 @@ def test_evaluate_samples_states_its_splits_and_reference(cache):
                                   reference_name="train")
         assert (out["n_samples"], out["is_splits"], out["reference"]) == (n, splits, "train")
         logits = extractor.logits(x)
-        assert (out["is_mean"], out["is_std"]) == inception_score(logits, splits=splits)
+        # the classifier's CPU convolutions agree to float32 rounding between calls
+        assert (out["is_mean"], out["is_std"]) == pytest.approx(
+            inception_score(logits, splits=splits), rel=1e-5, abs=1e-6)
         assert out["fid"] == pytest.approx(
-            fid_from_stats(reference, extractor.stats(x)), rel=1e-12)
+            fid_from_stats(reference, extractor.stats(x)), rel=1e-5)
         assert out["class_accuracy"] > 0.9 and out["non_finite"] == 0
     # non-finite samples are counted, zeroed and clamped, not allowed to crash the table
     bad = test_images[:30].clone()
