@@ -49,8 +49,12 @@ def results(ctx) -> list[Block]:
         f"{ctx.reference_size:,} images of the **{p.reference} split**; IS ± std over "
         f"{rows[0]['is_splits']} split(s) (the papers' 10, but never fewer than 20 samples "
         "per split); class accuracy = fraction read as the requested label; unrecognisable "
-        "= max class probability < 0.5 (the FI paper's \"noise\" samples). FID is biased "
-        f"upward at {n} samples: compare rows, not papers.")
+        "= max class probability < 0.5 (the FI paper's \"noise\" samples; recognisable is "
+        f"its complement). FID is biased upward at {n} samples: compare rows, not papers.")
+    for cell in p.cells.values():
+        if cell.kind == "real":
+            text += (f" The {cell.label} row is what real images score at this sample size: "
+                     "the floor each number can reach.")
     blocks: list[Block] = [("h2", "Results"), metric_table(rows, p.columns), ("p", text)]
     if bad:
         blocks.append(("p", f"{bad} samples were not finite (set to 0 before scoring)."))
