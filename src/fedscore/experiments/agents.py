@@ -29,13 +29,20 @@ from fedscore.inference.agents import (
 from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
 from fedscore.inference.sampling import agents_score_fn, draw
 from fedscore.runs.checkpoint import atomic_write_text
-from fedscore.runs.config import dump_config
+from fedscore.runs.config import dump_config, load_config
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.train import load_model, train_central
 
 AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture")
 """The aggregators an experiment or `fedscore agents sample` may name (SPEC §3)."""
 SAMPLER = "exp-integrator"
+
+
+def same_run_config(path: Path, cfg) -> bool:
+    """Was the run folder `path` made with `cfg`? Where the folder lies (out_dir) may
+    differ: a moved or copied experiment folder is still reused."""
+    kept = load_config(path / "config.yaml")
+    return kept == cfg.model_copy(update={"out_dir": kept.out_dir})
 
 
 def train_agents(
@@ -75,8 +82,7 @@ def train_agents(
         agent = cfg.model_copy(update={"name": f"agent-{j:02d}", "out_dir": str(out),
                                        "seed": cfg.seed + j})
         path = agent.run_dir()
-        kept = path / "config.yaml"
-        if kept.is_file() and kept.read_text() != dump_config(agent):
+        if (path / "config.yaml").is_file() and not same_run_config(path, agent):
             raise FedscoreError(
                 f"{str(path)!r} holds an agent trained with another config; choose another "
                 "output folder (--out) or remove it"

@@ -29,6 +29,7 @@ from torch import Tensor
 from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.errors import FedscoreError
+from fedscore.experiments.agents import same_run_config
 from fedscore.experiments.preset import Preset, load_preset
 from fedscore.inference.sampling import agents_score_fn, draw
 
@@ -90,15 +91,6 @@ class Stopwatch:
 # ---------------------------------------------------------------- 1. training
 
 
-def _same_config(path: Path, cfg) -> bool:
-    """Was the run in `path` made with `cfg`? Where the folder lies (out_dir) may differ:
-    a moved or copied experiment folder is still reused."""
-    from fedscore.runs.config import load_config
-
-    kept = load_config(path / "config.yaml")
-    return kept == cfg.model_copy(update={"out_dir": kept.out_dir})
-
-
 def train_federation(cfg, *, progress: bool = True) -> Trained:
     """A federated cell's global model (eqs. 7-8). A finished run of the same config is
     loaded, an interrupted one resumed; a folder of another config is refused."""
@@ -106,7 +98,7 @@ def train_federation(cfg, *, progress: bool = True) -> Trained:
     from fedscore.runs.train import load_model
 
     path = cfg.run_dir()
-    if (path / "config.yaml").is_file() and not _same_config(path, cfg):
+    if (path / "config.yaml").is_file() and not same_run_config(path, cfg):
         raise FedscoreError(
             f"{str(path)!r} holds a federated run of another budget; choose another --out "
             "folder or remove it")
