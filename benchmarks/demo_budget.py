@@ -13,14 +13,13 @@ Prints wall time per round and one line per (sampler, steps, clip). Minutes per 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
 from fedscore import diffusion
-from fedscore.demo.pipeline import BUDGETS, federation_config
+from fedscore.experiments import load_preset
 from fedscore.metrics import class_accuracy, get_extractor
 from fedscore.runs.federated import train_federated
 from fedscore.runs.folder import RunFolder
@@ -40,10 +39,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/demo-budget"))
     args = ap.parse_args()
 
-    b = dataclasses.replace(BUDGETS["full"], rounds=args.rounds, local_steps=args.local_steps,
-                            batch_size=args.batch, model_options={"base": args.base},
-                            strategy=args.strategy)
-    cfg = federation_config(b, args.out)
+    federation = {"rounds": args.rounds, "local_steps": args.local_steps,
+                  "batch_size": args.batch, "strategy": args.strategy}
+    preset = load_preset("demo", budget="full", overrides={
+        "config": {"model": {"options": {"base": args.base}}},
+        "cells": {"federated": {"config": {"federation": federation}}}})
+    cfg = preset.cell_config("federated", args.out)
     t0 = time.perf_counter()
     model = train_federated(cfg, progress=True).model.eval()
     seconds = time.perf_counter() - t0

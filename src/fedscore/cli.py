@@ -171,7 +171,7 @@ def agents_train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and stop.")] = False,
 ) -> None:
     """Train K class-conditional agents, each alone on its partition (FI paper §4.1)."""
-    from fedscore.inference import train_agents
+    from fedscore.experiments.agents import train_agents
     from fedscore.runs.config import dump_config
 
     cfg = _config(config, set_, out)
@@ -194,7 +194,7 @@ def agents_sample(
     seed: int = 0,
 ) -> None:
     """Federated inference: sample with the agents combined at every reverse step."""
-    from fedscore.inference import sample_agents
+    from fedscore.experiments.agents import sample_agents
 
     paths = sample_agents(run_dirs, out, aggregator=aggregator, per_label=per_label,
                           steps=steps, seed=seed)
@@ -210,9 +210,27 @@ def agents_diagnose(
         "mean"),
 ) -> None:
     """The FI paper's score diagnostics (eqs. 9-13): CSV and a table like its Tables 3-4."""
-    from fedscore.inference import diagnose_agents
+    from fedscore.experiments.agents import diagnose_agents
 
     typer.echo(f"diagnostics: {diagnose_agents(run_dirs, out, aggregator=aggregator)}")
+
+
+BudgetOpt = Annotated[str | None, typer.Option(
+    help="A budget of the preset (its budgets: section), e.g. cpu or quick.")]
+DatasetOpt = Annotated[str | None, typer.Option(
+    help="Dataset (bundled: mnist5k, digits); default: the preset's.")]
+
+
+def _run(preset: str, out: Path, *, budget: str | None = None, dataset: str | None = None,
+         seed: int | None = None) -> None:
+    from fedscore.experiments import run_experiment
+    from fedscore.experiments.report import seconds_text
+
+    result = run_experiment(preset, out, budget=budget, dataset=dataset, seed=seed,
+                            echo=typer.echo)
+    typer.echo(f"report: {result.report}")
+    typer.echo(f"html:   {result.html}")
+    typer.echo(f"total wall time: {seconds_text(result.seconds)}")
 
 
 @reproduce_app.command("federated-inference")
@@ -223,12 +241,9 @@ def reproduce_fi(
     budget: Annotated[str, typer.Option(help="cpu (~25 min) or quick (seconds).")] = "cpu",
     seed: int = 0,
 ) -> None:
-    """The FI paper's experiment: three regimes x four aggregators, IS/FID/unrecognisable."""
-    from fedscore.inference import BUDGETS, reproduce_federated_inference
-
-    if budget not in BUDGETS:
-        raise FedscoreError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
-    typer.echo(f"report: {reproduce_federated_inference(dataset, out, budget=budget, seed=seed)}")
+    """The FI paper's experiment: three regimes x four aggregators, IS/FID/unrecognisable
+    (the preset `federated-inference`)."""
+    _run("federated-inference", out, budget=budget, dataset=dataset, seed=seed)
 
 
 @reproduce_app.command("pruning")
@@ -239,13 +254,37 @@ def reproduce_pruning(
     budget: Annotated[str, typer.Option(help="cpu (~7 min) or quick (seconds).")] = "cpu",
     seed: int = 0,
 ) -> None:
-    """The pruning paper's experiment: {Random, Top-k} x levels {F, L, M, S}."""
-    from fedscore.runs.pruning import BUDGETS, reproduce_pruning
+    """The pruning paper's experiment: {Random, Top-k} x levels {F, L, M, S} (the preset
+    `pruning`)."""
+    _run("pruning", out, budget=budget, dataset=dataset, seed=seed)
 
-    if budget not in BUDGETS:
-        raise FedscoreError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
-    report = reproduce_pruning(dataset, out, budget=budget, seed=seed)
-    typer.echo(f"report: {report}")
+
+experiment_app = typer.Typer(help="Experiment presets: cells trained, sampled, evaluated and "
+                                  "reported by one runner.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("run")
+def experiment_run(
+    preset: Annotated[str, typer.Argument(
+        help="A shipped preset (pruning, federated-inference, demo) or a YAML file.")],
+    budget: BudgetOpt = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder of the experiment (default runs/<preset>).")] = None,
+    dataset: DatasetOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the preset's).")] = None,
+) -> None:
+    """Run an experiment preset: train its cells, sample, evaluate, write the report."""
+    _run(preset, out or Path("runs") / Path(preset).stem, budget=budget, dataset=dataset,
+         seed=seed)
+
+
+@experiment_app.command("list")
+def experiment_list() -> None:
+    """The shipped experiment presets."""
+    from fedscore.experiments import preset_names
+
+    typer.echo("\n".join(preset_names()))
 
 
 flower_app = typer.Typer(help="Federated training on Flower (SuperLink + SuperNodes).",
@@ -306,14 +345,9 @@ def demo(
     ),
 ) -> None:
     """The main job on mnist5k: a 10-worker federation with top-k pruning (level M) and
-    federated inference (mean, mixture) on the same silos, evaluated in one report."""
-    from fedscore.demo import run_demo
-    from fedscore.demo.report import seconds_text
-
-    result = run_demo(out, quick=quick, echo=typer.echo)
-    typer.echo(f"report: {result.report}")
-    typer.echo(f"html:   {result.html}")
-    typer.echo(f"total wall time: {seconds_text(result.seconds)}")
+    federated inference (mean, mixture) on the same silos, evaluated in one report (the
+    preset `demo`)."""
+    _run("demo", out, budget="quick" if quick else None)
 
 
 def main() -> None:

@@ -3,13 +3,15 @@ agent's samples when the agents are identical, and agents trained alone on their
 with their class counts recorded."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from fedscore import data, diffusion, inference
 from fedscore.errors import FedscoreError
-from fedscore.inference.agents import StackedAgents, label_weights, load_agents, train_agents
+from fedscore.experiments.agents import load_agents, train_agents
+from fedscore.inference.agents import StackedAgents, label_weights
 from fedscore.models import build_model
 from fedscore.runs.config import load_config
 from fedscore.runs.train import load_model
@@ -165,6 +167,18 @@ def test_control_has_one_agent_and_finished_agents_are_reused(tmp_path):
     stamp = (only / "model.safetensors").stat().st_mtime_ns
     train_agents(cfg, "control", tmp_path / "ctl", progress=False)
     assert (only / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_moved_agents_folder_is_reused_and_another_config_refused(tmp_path):
+    cfg = agent_cfg(tmp_path)
+    (only,) = train_agents(cfg, "control", tmp_path / "ctl", progress=False)
+    shutil.copytree(tmp_path / "ctl", tmp_path / "moved")
+    stamp = (tmp_path / "moved" / only.name / "model.safetensors").stat().st_mtime_ns
+    train_agents(cfg, "control", tmp_path / "moved", progress=False)  # kept, not retrained
+    assert (tmp_path / "moved" / only.name / "model.safetensors").stat().st_mtime_ns == stamp
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 4})})
+    with pytest.raises(FedscoreError, match="another config"):
+        train_agents(longer, "control", tmp_path / "ctl", progress=False)
 
 
 def test_agents_must_be_class_conditional_and_regimes_known(tmp_path):

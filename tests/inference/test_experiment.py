@@ -1,5 +1,5 @@
-"""The FI paper's experiment end to end (quick budget on the 8x8 digits), and the report's
-verdict reading the numbers the right way round."""
+"""The FI paper's experiment end to end (the preset `federated-inference` at its quick budget
+on the 8x8 digits, through the one runner), and `fedscore agents sample` / `diagnose`."""
 
 import csv
 import json
@@ -7,37 +7,25 @@ import math
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fedscore.cli import app
 from fedscore.errors import FedscoreError
-from fedscore.inference import train_agents
-from fedscore.inference.experiment import (
+from fedscore.experiments.agents import (
     AGGREGATOR_NAMES,
-    BUDGETS,
     diagnose_agents,
-    reproduce_federated_inference,
     sample_agents,
-    verdict,
+    train_agents,
 )
 from fedscore.runs.config import load_config
 from fedscore.runs.evaluate import load_samples
 
 
-def row(regime, aggregator, fid, unrecognisable):
-    return {"regime": regime, "aggregator": aggregator, "fid": fid,
-            "unrecognisable": unrecognisable}
-
-
-def test_verdict_says_beats_only_when_mixture_is_lower():
-    rows = [row("heterogeneous", "mean", 50.0, 0.6), row("heterogeneous", "mixture", 40.0, 0.7),
-            row("homogeneous", "mixture", 1.0, 0.0)]
-    fid, unr = verdict(rows)
-    assert "`mixture` **beats** `mean` (40.00 vs 50.00)" in fid
-    assert "**does not beat**" in unr and "0.700 vs 0.600" in unr
-
-
 def test_unknown_budget_is_a_clear_error(tmp_path):
-    with pytest.raises(FedscoreError, match="quick"):
-        reproduce_federated_inference("digits", tmp_path, budget="huge", progress=False)
+    result = CliRunner().invoke(app, ["reproduce", "federated-inference", "--budget", "huge",
+                                      "--dataset", "digits", "--out", str(tmp_path)])
+    assert isinstance(result.exception, FedscoreError)
+    assert "choose one of: cpu, quick" in str(result.exception)
 
 
 def tiny_agents_config(tmp_path):
@@ -68,14 +56,17 @@ def test_diagnose_agents_writes_the_papers_table_for_any_aggregator(tmp_path):
 
 @pytest.mark.slow
 def test_quick_reproduction_writes_report_grids_and_diagnostics(tmp_path):
-    report = reproduce_federated_inference("digits", tmp_path, budget="quick", progress=False)
-    text = report.read_text()
-    for section in ("## Setting", "## Results (FI Table 1)",
-                    "## Verdict: mixture vs mean, heterogeneous regime",
-                    "## Sample grids (FI Figure 2)", "## Score diagnostics",
-                    "### homogeneous", "### heterogeneous", "## Agents' class counts"):
+    result = CliRunner().invoke(app, ["reproduce", "federated-inference", "--budget", "quick",
+                                      "--dataset", "digits", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    for section in ("## Results", "## Verdict", "## Samples",
+                    "## Score diagnostics", "### homogeneous", "### heterogeneous",
+                    "## The silos", "## Timings"):
         assert section in text, section
-    assert "`mixture` **beats** `mean`" in text or "`mixture` **does not beat** `mean`" in text
+    assert "`mixture` **beats** `mean`" in text or "`mixture` **does not beat**" in text
+    # 20 samples a set: one IS split, said in the table; FID against the training split
+    assert "| samples | IS ± std (1 split) ↑ | FID vs train split ↓ |" in text
 
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
@@ -87,7 +78,9 @@ def test_quick_reproduction_writes_report_grids_and_diagnostics(tmp_path):
             assert math.isfinite(r[key]), (r, key)
         assert 0 <= r["unrecognisable"] <= 1 and 0 <= r["class_accuracy"] <= 1
         assert 1 <= r["is_mean"] <= 10 and r["fid"] >= 0
-    assert results["budget"]["steps"] == BUDGETS["quick"].steps
+        assert (r["reference"], r["n_samples"], r["is_splits"]) == ("train", 20, 1)
+    assert results["budget"] == "quick"
+    assert results["resolved"]["cells"]["heterogeneous"]["n_agents"] == 10
     assert len(list((tmp_path / "grids").glob("*.png"))) == len(expected)
     for regime in ("homogeneous", "heterogeneous"):
         csv = (tmp_path / "diagnostics" / f"{regime}-mean.csv").read_text().splitlines()

@@ -12,7 +12,13 @@ import torch
 
 from fedscore import data, toy
 from fedscore.errors import FedscoreError
-from fedscore.metrics import FeatureStats, fid_from_features, fid_from_stats, get_extractor
+from fedscore.metrics import (
+    FeatureStats,
+    fid_from_features,
+    fid_from_stats,
+    get_extractor,
+    inception_score,
+)
 from fedscore.metrics import features as feat
 from fedscore.runs import evaluate as ev
 from fedscore.runs.config import FederationConfig, PartitionConfig, dump_config, load_config
@@ -122,7 +128,7 @@ def test_image_metrics_are_finite_and_real_digits_beat_an_untrained_model(digits
                                         "merged": False}
     for key in ("fid", "kid_mean", "is_mean", "precision", "recall"):
         assert np.isfinite(model[key]), key
-    assert 1.0 <= model["is_mean"] <= 10.0
+    assert 1.0 <= model["is_mean"] <= 10.0 and model["is_splits"] == 5  # 100 samples
     for key in ("precision", "recall", "class_accuracy", "unrecognisable"):
         assert 0.0 <= model[key] <= 1.0, key
 
@@ -133,6 +139,38 @@ def test_image_metrics_are_finite_and_real_digits_beat_an_untrained_model(digits
     assert real["class_accuracy"] > 0.9 and real["is_mean"] > max(7.0, 1.5 * model["is_mean"])
     assert real["precision"] > model["precision"]
     assert real["unrecognisable"] < model["unrecognisable"]
+
+
+@pytest.mark.parametrize(("n", "splits"), [(100, 5), (30, 1), (10, 1), (39, 1), (40, 2),
+                                            (200, 10), (5000, 10)])
+def test_is_splits_are_the_papers_ten_but_never_fewer_than_20_samples_each(n, splits):
+    assert ev.is_splits(n) == splits
+
+
+def test_evaluate_samples_states_its_splits_and_reference(cache):
+    extractor = get_extractor("digits", progress=False)
+    test_images, test_labels = data.load("digits", split="test")
+    reference = extractor.stats(data.load("digits", split="train")[0])
+    for n, splits in ((100, 5), (30, 1)):
+        x, y = test_images[:n], test_labels[:n]
+        out = ev.evaluate_samples(x, y, extractor=extractor, reference_stats=reference,
+                                  reference_name="train")
+        assert (out["n_samples"], out["is_splits"], out["reference"]) == (n, splits, "train")
+        logits = extractor.logits(x)
+        # the classifier's CPU convolutions agree to float32 rounding between calls
+        assert (out["is_mean"], out["is_std"]) == pytest.approx(
+            inception_score(logits, splits=splits), rel=1e-5, abs=1e-6)
+        assert out["fid"] == pytest.approx(
+            fid_from_stats(reference, extractor.stats(x)), rel=1e-5)
+        assert out["class_accuracy"] > 0.9 and out["non_finite"] == 0
+    # non-finite samples are counted, zeroed and clamped, not allowed to crash the table
+    bad = test_images[:30].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    bad[1] = 5.0
+    out = ev.evaluate_samples(bad, None, extractor=extractor, reference_stats=reference,
+                              reference_name="test")
+    assert out["non_finite"] == 1 and out["class_accuracy"] is None
+    assert out["reference"] == "test" and np.isfinite(out["fid"])
 
 
 def test_merged_silo_statistics_give_the_centralised_fid(cache):

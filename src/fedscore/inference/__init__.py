@@ -1,12 +1,13 @@
-"""Federated inference (SPEC §3): K independently trained agents combined at every step."""
+"""Federated inference (SPEC §3): K independently trained agents combined at every step.
+
+The maths only: stacked agents, aggregators, diagnostics and the sampling driver. Agents as
+run folders (train, load, sample, diagnose) are `fedscore.experiments.agents`."""
 
 from fedscore.inference.agents import (
     REGIMES,
     StackedAgents,
     label_weights,
-    load_agents,
     read_class_counts,
-    train_agents,
 )
 from fedscore.inference.aggregators import (
     AGGREGATORS,
@@ -18,30 +19,21 @@ from fedscore.inference.aggregators import (
     stack_scores,
     step_schedule,
 )
-from fedscore.inference.experiment import (
-    BUDGETS,
-    diagnose_agents,
-    reproduce_federated_inference,
-    sample_agents,
-)
+from fedscore.inference.sampling import agents_score_fn, draw
 
 __all__ = [
     "AGGREGATORS",
-    "BUDGETS",
     "REGIMES",
     "HybridAggregator",
     "MeanAggregator",
     "MixtureAggregator",
     "StackedAgents",
     "WeightedAggregator",
+    "agents_score_fn",
     "combine",
-    "diagnose_agents",
+    "draw",
     "label_weights",
-    "load_agents",
     "read_class_counts",
-    "reproduce_federated_inference",
-    "sample_agents",
     "stack_scores",
     "step_schedule",
-    "train_agents",
 ]

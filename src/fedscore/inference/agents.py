@@ -17,14 +17,15 @@ conv U-Net: under vmap a conv with per-agent weights becomes a grouped conv, whi
 on CPU, and the work is compute-bound anyway (benchmarks/inference_overhead.py measures it).
 Name a strategy to override the rule.
 
-Agents trained by `train_agents` keep their run folder; `load_agents` stacks them and reads
-each folder's `class_counts.json`, the only thing the server may learn of an agent's data.
+Agents trained by `fedscore.experiments.agents.train_agents` keep their run folder;
+`load_agents` there stacks them and reads each folder's `class_counts.json`
+(`read_class_counts`), the only thing the server may learn of an agent's data.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -154,7 +155,8 @@ class StackedAgents:
         (normalised by the aggregators). A label no agent holds falls back to the agents'
         total sizes."""
         if self.counts is None:
-            raise FedscoreError("these agents carry no class counts (load them with load_agents)")
+            raise FedscoreError("these agents carry no class counts (load them with "
+                                "fedscore.experiments.agents.load_agents)")
         return label_weights(self.counts, labels)
 
     def __repr__(self) -> str:
@@ -182,47 +184,11 @@ def read_class_counts(run_dir: str | Path) -> list[int]:
     if not path.is_file():
         raise FedscoreError(
             f"{str(path)!r} does not exist: agent folders are written by `fedscore agents "
-            "train` (fedscore.inference.train_agents), which records each agent's class counts"
+            "train` (fedscore.experiments.agents.train_agents), which records each agent's "
+            "class counts"
         )
     return [int(c) for c in json.loads(path.read_text())["class_counts"]]
 
-
-def load_agents(
-    run_dirs: Sequence[str | Path], *, strategy: str = "auto", device: str | None = None
-) -> StackedAgents:
-    """Stack the trained agents of `run_dirs` (their EMA weights when kept) with their
-    class counts; `.config` is the first agent's RunConfig. All agents must share model,
-    data and diffusion settings."""
-    from fedscore.runs.config import dump_config
-    from fedscore.runs.train import load_model
-
-    if strategy not in STRATEGIES:
-        raise unknown("agent strategy", strategy, STRATEGIES)
-    dirs = [Path(d) for d in run_dirs]
-    if not dirs:
-        raise FedscoreError("load_agents needs at least one agent run folder")
-    counts = [read_class_counts(d) for d in dirs]
-    models, cfgs = zip(*(load_model(d) for d in dirs))
-    same = ("model", "data", "diffusion")
-    ref = {k: dump_config(getattr(cfgs[0], k)) for k in same}
-    for d, cfg in zip(dirs[1:], cfgs[1:]):
-        for k in same:
-            if dump_config(getattr(cfg, k)) != ref[k]:
-                raise FedscoreError(
-                    f"agent {str(d)!r} has different `{k}` settings than {str(dirs[0])!r}: "
-                    "federated inference combines agents of one architecture on one dataset"
-                )
-    width = max(len(c) for c in counts)
-    counts_t = torch.tensor([c + [0] * (width - len(c)) for c in counts], dtype=torch.long)
-    if device is not None:
-        models = [m.to(device) for m in models]
-    agents = StackedAgents(models[0], list(models), cfgs[0].diffusion.parameterisation,
-                           strategy=strategy, counts=counts_t)
-    agents.config = cfgs[0]
-    return agents
-
-
-# ---------------------------------------------------------------- training the agents
 
 REGIMES: dict[str, str] = {
     "control": "all",  # FI §4.1 CONTROL: one agent holds all the data
@@ -230,67 +196,3 @@ REGIMES: dict[str, str] = {
     "heterogeneous": "dominant",  # agent j: 50% digit j, 50% evenly the others
 }
 """Regime -> partition scheme of fedscore.data.partition."""
-
-
-def train_agents(
-    cfg, regime: str, out_dir: str | Path | None = None, *, n_agents: int = 10,
-    progress: bool = True,
-) -> list[Path]:
-    """Train one class-conditional score model per partition of the training split, each
-    alone on its own data (train_central on its indices), for a regime of FI §4.1.
-
-    Agent j's run folder is `out_dir/agent-jj` (out_dir defaults to cfg.run_dir()), seeded
-    cfg.seed + j, and holds class_counts.json: its per-class sample counts, the only thing
-    the server may learn of its data. `out_dir/agents.json` lists the agents and their
-    counts. The control regime has one agent whatever n_agents says. A finished agent
-    (model.safetensors present, same config) is kept; an interrupted one is resumed.
-    Returns the agents' run folders.
-    """
-    from fedscore import data as datasets
-    from fedscore.io import atomic_write_text
-    from fedscore.runs.config import dump_config
-    from fedscore.runs.folder import RunFolder
-    from fedscore.runs.train import train_central
-
-    if regime not in REGIMES:
-        raise unknown("regime", regime, REGIMES)
-    if not cfg.model.conditional:
-        raise FedscoreError(
-            "model.conditional is false, but federated inference's agents are class-"
-            "conditional score models (SPEC §3): set model.conditional: true"
-        )
-    if cfg.federation != "none":
-        raise FedscoreError(
-            "agents train alone (centrally, on their own partition): set federation: none; "
-            "the regime chooses the partition"
-        )
-    out = Path(out_dir) if out_dir is not None else cfg.run_dir()
-    _, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
-                              download=cfg.data.download)
-    n_workers = 1 if regime == "control" else n_agents
-    parts = datasets.partition(labels, REGIMES[regime], n_workers=n_workers, seed=cfg.seed)
-    counts = datasets.class_histogram(labels, parts, n_classes=int(labels.max()) + 1)
-    folders, summary = [], []
-    for j, idx in enumerate(parts):
-        agent = cfg.model_copy(update={"name": f"agent-{j:02d}", "out_dir": str(out),
-                                       "seed": cfg.seed + j})
-        path = agent.run_dir()
-        kept = path / "config.yaml"
-        if kept.is_file() and kept.read_text() != dump_config(agent):
-            raise FedscoreError(
-                f"{str(path)!r} holds an agent trained with another config; choose another "
-                "output folder (--out) or remove it"
-            )
-        if not (path / "model.safetensors").is_file():
-            resume = (path / "checkpoint.safetensors").is_file()
-            folder = RunFolder.open(agent, resume=resume, path=path)
-            atomic_write_text(path / COUNTS_FILE, json.dumps(
-                {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
-            train_central(agent, resume=resume, progress=progress, folder=folder,
-                          indices=torch.as_tensor(idx))
-        folders.append(path)
-        summary.append({"folder": path.name, "class_counts": counts[j].tolist()})
-    atomic_write_text(out / "agents.json", json.dumps(
-        {"regime": regime, "scheme": REGIMES[regime], "dataset": cfg.data.name,
-         "agents": summary}, indent=2))
-    return folders

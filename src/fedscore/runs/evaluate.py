@@ -266,25 +266,68 @@ def evaluate_run(
     return result
 
 
-def _is_splits(n: int) -> int:
-    # the papers' 10 splits, but never fewer than 20 samples per split: the marginal p(y)
-    # of 10 classes estimated from a handful of samples biases IS towards 1
+def is_splits(n: int) -> int:
+    """How many splits the Inception Score of n samples is averaged over: the papers' 10,
+    but never fewer than 20 samples per split (one split below 40 samples), because the
+    marginal p(y) of 10 classes estimated from a handful of samples biases IS towards 1."""
     return min(10, max(1, n // 20))
+
+
+def evaluate_samples(
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    extractor,
+    reference_stats: FeatureStats,
+    reference_name: str,
+    generator: torch.Generator | None = None,
+    features: Tensor | None = None,
+) -> dict[str, Any]:
+    """The numbers every table of fedscore reports for one sample set, from the dataset's
+    domain classifier (fedscore.metrics.features; the FI paper's ResNet18-on-MNIST role):
+
+    - `fid` of the samples' features against `reference_stats` (mergeable sums of the real
+      split named `reference_name`, e.g. "train" or "test"; said in `reference`);
+    - `is_mean`, `is_std` over `is_splits` splits (`is_splits(n)`; IS shuffles with
+      `generator`, a fresh one seeded 0 when None);
+    - `class_accuracy` (fraction read as the requested label; None without labels) and
+      `unrecognisable` (max class probability < 0.5: the FI paper's "noise" samples).
+
+    images (n, C, H, W): non-finite samples are counted in `non_finite` and set to 0, and
+    every image is clamped to [-1, 1], what an image file of the samples would hold.
+    features: the clamped images' features when the caller already has them (KID, P/R)."""
+    from fedscore.metrics import (
+        class_accuracy,
+        fid_from_stats,
+        inception_score,
+        unrecognisable_fraction,
+    )
+
+    bad = ~torch.isfinite(images.flatten(1)).all(1)
+    x = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
+    feats = extractor.features(x) if features is None else features
+    logits = extractor.logits(x)
+    splits = is_splits(x.shape[0])
+    is_mean, is_std = inception_score(logits, splits=splits, generator=generator)
+    return {
+        "n_samples": int(x.shape[0]),
+        "fid": fid_from_stats(reference_stats, FeatureStats.from_features(feats)),
+        "reference": reference_name,
+        "is_mean": is_mean,
+        "is_std": is_std,
+        "is_splits": splits,
+        "class_accuracy": class_accuracy(logits, labels) if labels is not None else None,
+        "unrecognisable": unrecognisable_fraction(logits),
+        "non_finite": int(bad.sum()),
+    }
 
 
 def image_metrics(cfg: RunConfig, x: Tensor, labels: Tensor | None, *, seed: int = 0,
                   progress: bool = True) -> dict[str, Any]:
     """FID, KID, IS, precision/recall, class accuracy and the unrecognisable fraction of
-    images x (n, C, H, W) from the dataset's domain classifier (fedscore.metrics.features)."""
-    from fedscore.metrics import (
-        class_accuracy,
-        fid_from_stats,
-        get_extractor,
-        inception_score,
-        kid,
-        precision_recall,
-        unrecognisable_fraction,
-    )
+    images x (n, C, H, W) from the dataset's domain classifier (fedscore.metrics.features);
+    the numbers shared with every experiment table come from `evaluate_samples`."""
+    from fedscore.metrics import get_extractor, kid, precision_recall
 
     extractor = get_extractor(cfg.data.name, progress=progress, data_root=cfg.data.data_root)
     extractor.check_floor()  # one clear error before any number is computed
@@ -293,34 +336,33 @@ def image_metrics(cfg: RunConfig, x: Tensor, labels: Tensor | None, *, seed: int
                                       data_root=cfg.data.data_root)
     real_stats, how = real_statistics(extractor.stats, cfg, real, real_labels)
     fake_feats = extractor.features(x)
-    logits = extractor.logits(x)
     real_feats = extractor.features(real)
     g = torch.Generator().manual_seed(seed)
+    # the generator's order (KID, then IS, then the P/R subset) keeps eval.json's numbers
     kid_mean, kid_std = kid(real_feats, fake_feats, subsets=100, subset_size=1000, generator=g)
-    splits = _is_splits(x.shape[0])
-    is_mean, is_std = inception_score(logits, splits=splits, generator=g)
+    shared = evaluate_samples(x, labels, extractor=extractor, reference_stats=real_stats,
+                              reference_name="train", generator=g, features=fake_feats)
     # k-NN manifolds compare sets of equal size (Kynkäänniemi et al.): a larger real set
     # would inflate precision and deflate recall, so draw as many real features as fakes
     pick = torch.randperm(real_feats.shape[0], generator=g)[: fake_feats.shape[0]]
     precision, recall = precision_recall(real_feats[pick], fake_feats, k=3)
-    out = {
-        "fid": fid_from_stats(real_stats, FeatureStats.from_features(fake_feats)),
+    return {
+        "fid": shared["fid"],
         "kid_mean": kid_mean,
         "kid_std": kid_std,
-        "is_mean": is_mean,
-        "is_std": is_std,
-        "is_splits": splits,
+        "is_mean": shared["is_mean"],
+        "is_std": shared["is_std"],
+        "is_splits": shared["is_splits"],
         "precision": precision,
         "recall": recall,
         "pr_real_samples": int(pick.shape[0]),
-        "class_accuracy": class_accuracy(logits, labels) if labels is not None else None,
-        "unrecognisable": unrecognisable_fraction(logits),
+        "class_accuracy": shared["class_accuracy"],
+        "unrecognisable": shared["unrecognisable"],
         "real_statistics": how,
         "extractor": {"dataset": extractor.dataset, "test_accuracy": extractor.test_accuracy,
                       "floor": extractor.floor, "features": extractor.num_features,
                       "weights": str(extractor.path)},
     }
-    return out
 
 
 def inception_metrics(inception, cfg: RunConfig, x: Tensor, *, seed: int = 0,
@@ -338,7 +380,7 @@ def inception_metrics(inception, cfg: RunConfig, x: Tensor, *, seed: int = 0,
 
     real_stats, _ = real_statistics(stats_of, cfg, real, real_labels)
     feats, logits = inception.features_and_logits(x, progress=progress)
-    splits = _is_splits(x.shape[0])
+    splits = is_splits(x.shape[0])
     g = torch.Generator().manual_seed(seed)
     is_mean, is_std = inception_score(logits, splits=splits, generator=g)
     return {

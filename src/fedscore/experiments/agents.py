@@ -1,0 +1,208 @@
+"""Federated inference's application layer: agents as run folders (`fedscore agents ...`).
+
+`train_agents` trains K class-conditional score models, each alone on its partition (FI
+paper §4.1), one run folder per agent; `load_agents` stacks them into one
+`fedscore.inference.StackedAgents` with their class counts; `sample_agents` and
+`diagnose_agents` are `fedscore agents sample` and `fedscore agents diagnose`. The maths
+(stacked forward passes, aggregators, diagnostics) lives in `fedscore.inference`; this
+module adds run folders, configs and training, which that layer must not import.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fedscore import data as datasets
+from fedscore import diffusion
+from fedscore.errors import FedscoreError, unknown
+from fedscore.inference.agents import (
+    COUNTS_FILE,
+    REGIMES,
+    STRATEGIES,
+    StackedAgents,
+    read_class_counts,
+)
+from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
+from fedscore.inference.sampling import agents_score_fn, draw
+from fedscore.io import atomic_write_text
+from fedscore.runs.config import dump_config, load_config
+from fedscore.runs.folder import RunFolder
+from fedscore.runs.train import load_model, train_central
+
+AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture")
+"""The aggregators an experiment or `fedscore agents sample` may name (SPEC §3)."""
+SAMPLER = "exp-integrator"
+
+
+def same_run_config(path: Path, cfg) -> bool:
+    """Was the run folder `path` made with `cfg`? Where the folder lies (out_dir) may
+    differ: a moved or copied experiment folder is still reused."""
+    kept = load_config(path / "config.yaml")
+    return kept == cfg.model_copy(update={"out_dir": kept.out_dir})
+
+
+def train_agents(
+    cfg, regime: str, out_dir: str | Path | None = None, *, n_agents: int = 10,
+    progress: bool = True,
+) -> list[Path]:
+    """Train one class-conditional score model per partition of the training split, each
+    alone on its own data (train_central on its indices), for a regime of FI §4.1.
+
+    Agent j's run folder is `out_dir/agent-jj` (out_dir defaults to cfg.run_dir()), seeded
+    cfg.seed + j, and holds class_counts.json: its per-class sample counts, the only thing
+    the server may learn of its data. `out_dir/agents.json` lists the agents and their
+    counts. The control regime has one agent whatever n_agents says. A finished agent
+    (model.safetensors present, same config) is kept; an interrupted one is resumed.
+    Returns the agents' run folders.
+    """
+    if regime not in REGIMES:
+        raise unknown("regime", regime, REGIMES)
+    if not cfg.model.conditional:
+        raise FedscoreError(
+            "model.conditional is false, but federated inference's agents are class-"
+            "conditional score models (SPEC §3): set model.conditional: true"
+        )
+    if cfg.federation != "none":
+        raise FedscoreError(
+            "agents train alone (centrally, on their own partition): set federation: none; "
+            "the regime chooses the partition"
+        )
+    out = Path(out_dir) if out_dir is not None else cfg.run_dir()
+    _, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
+                              download=cfg.data.download)
+    n_workers = 1 if regime == "control" else n_agents
+    parts = datasets.partition(labels, REGIMES[regime], n_workers=n_workers, seed=cfg.seed)
+    counts = datasets.class_histogram(labels, parts, n_classes=int(labels.max()) + 1)
+    folders, summary = [], []
+    for j, idx in enumerate(parts):
+        agent = cfg.model_copy(update={"name": f"agent-{j:02d}", "out_dir": str(out),
+                                       "seed": cfg.seed + j})
+        path = agent.run_dir()
+        if (path / "config.yaml").is_file() and not same_run_config(path, agent):
+            raise FedscoreError(
+                f"{str(path)!r} holds an agent trained with another config; choose another "
+                "output folder (--out) or remove it"
+            )
+        if not (path / "model.safetensors").is_file():
+            resume = (path / "checkpoint.safetensors").is_file()
+            folder = RunFolder.open(agent, resume=resume, path=path)
+            atomic_write_text(path / COUNTS_FILE, json.dumps(
+                {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
+            train_central(agent, resume=resume, progress=progress, folder=folder,
+                          indices=torch.as_tensor(idx))
+        folders.append(path)
+        summary.append({"folder": path.name, "class_counts": counts[j].tolist()})
+    atomic_write_text(out / "agents.json", json.dumps(
+        {"regime": regime, "scheme": REGIMES[regime], "dataset": cfg.data.name,
+         "agents": summary}, indent=2))
+    return folders
+
+
+def load_agents(
+    run_dirs: Sequence[str | Path], *, strategy: str = "auto", device: str | None = None
+) -> StackedAgents:
+    """Stack the trained agents of `run_dirs` (their EMA weights when kept) with their
+    class counts; `.config` is the first agent's RunConfig. All agents must share model,
+    data and diffusion settings."""
+    if strategy not in STRATEGIES:
+        raise unknown("agent strategy", strategy, STRATEGIES)
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise FedscoreError("load_agents needs at least one agent run folder")
+    counts = [read_class_counts(d) for d in dirs]
+    models, cfgs = zip(*(load_model(d) for d in dirs))
+    same = ("model", "data", "diffusion")
+    ref = {k: dump_config(getattr(cfgs[0], k)) for k in same}
+    for d, cfg in zip(dirs[1:], cfgs[1:]):
+        for k in same:
+            if dump_config(getattr(cfg, k)) != ref[k]:
+                raise FedscoreError(
+                    f"agent {str(d)!r} has different `{k}` settings than {str(dirs[0])!r}: "
+                    "federated inference combines agents of one architecture on one dataset"
+                )
+    width = max(len(c) for c in counts)
+    counts_t = torch.tensor([c + [0] * (width - len(c)) for c in counts], dtype=torch.long)
+    if device is not None:
+        models = [m.to(device) for m in models]
+    agents = StackedAgents(models[0], list(models), cfgs[0].diffusion.parameterisation,
+                           strategy=strategy, counts=counts_t)
+    agents.config = cfgs[0]
+    return agents
+
+
+def sample_agents(run_dirs, out: str | Path, *, aggregator: str = "mixture",
+                  per_label: int = 10, steps: int = 100, seed: int = 0,
+                  progress: bool = True) -> dict[str, Path]:
+    """Federated inference from trained agents' run folders: `per_label` samples of every
+    label, the agents combined by `aggregator` at each of `steps` exponential-integrator
+    steps (an SDE sampler: the mixture's density tracking needs its noise) on the agents'
+    sampling grid (their config's `sample.grid` over [delta, T]). Writes `samples.npz` (as
+    `fedscore sample` does, so `fedscore evaluate AGENT_DIR --samples` scores it) and
+    `samples.png` (one row per label) into `out`; returns their paths."""
+    from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
+    from fedscore.runs.plots import image_grid
+    from fedscore.runs.sampling import sampling_grid
+
+    if aggregator not in AGGREGATOR_NAMES:
+        raise unknown("aggregator", aggregator, AGGREGATOR_NAMES)
+    if per_label < 1 or steps < 1:
+        raise FedscoreError(f"per_label and steps must be positive, got {per_label}, {steps}")
+    agents = load_agents(run_dirs)
+    cfg = agents.config
+    info = datasets.info(cfg.data.name)
+    labels = torch.arange(info.classes).repeat_interleave(per_label)
+    times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
+        update={"steps": steps})}))
+    x = draw(agents_score_fn(agents, labels, aggregator), len(labels), tuple(info.shape),
+             times, SAMPLER, seed, progress=progress)
+    out = Path(out)
+    npz = write_samples(out / SAMPLES, x, labels, seed)
+    figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
+                        title=f"federated inference ({aggregator}, {len(run_dirs)} agents): "
+                              "one row per label")
+    return {"samples": npz, "figure": Path(figure)}
+
+
+def diagnostics_inputs(dataset: str, n: int, shape, classes: int, seed: int,
+                       data_root: str | None = None) -> dict:
+    """Per label: n pure-noise inputs and n real test images of that label (FI §4.3)."""
+    images, labels = datasets.load(dataset, split="test", data_root=data_root)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for c in range(classes):
+        rows = torch.nonzero(labels == c).flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)[:n]]
+        out[c] = {"noise": torch.randn((n, *shape), generator=g), "real": images[rows]}
+    return out
+
+
+def diagnose_agents(
+    run_dirs, out: str | Path, *, aggregator: str = "mean", n_inputs: int = 10, seed: int = 0,
+) -> Path:
+    """FI eqs. 9-13 for trained agents (`fedscore agents diagnose`): per label and t in
+    {1, 0.5, 0.1, 0.01} (fractions of T), on n_inputs noise and n_inputs real test images,
+    the aggregate's magnitude and the agents' cosine to it. Writes out/diagnostics-
+    <aggregator>.csv and .md (a table laid out like the paper's); returns the .md path.
+    Weighted aggregators use the agents' per-class counts of each input's label."""
+    agents = load_agents(run_dirs)
+    cfg = agents.config
+    info = datasets.info(cfg.data.name)
+    if len(info.shape) != 3:
+        raise FedscoreError(f"score diagnostics need an image dataset, got {cfg.data.name!r}")
+    inputs = diagnostics_inputs(cfg.data.name, n_inputs, tuple(info.shape), info.classes, seed,
+                                cfg.data.data_root)
+    T = float(diffusion.time_grid(**cfg.diffusion.grid_kwargs())[0])  # also ddpm-linear's
+    records = score_diagnostics(
+        agents, inputs, T=T, aggregator=aggregator,
+        weights=None if aggregator == "mean" else agents.weights_for)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(records, out / f"diagnostics-{aggregator}.csv")
+    md = out / f"diagnostics-{aggregator}.md"
+    md.write_text(f"# Score diagnostics ({aggregator}, {agents.n_agents} agents)\n\n"
+                  + markdown_table(records) + "\n")
+    return md
