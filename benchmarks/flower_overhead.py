@@ -44,12 +44,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from fedscore.config import load_config  # noqa: E402
 from fedscore.federated import build_masks, level_ratios  # noqa: E402
 from fedscore.federated.setup import prepare  # noqa: E402
 from fedscore.flower import payload  # noqa: E402
 from fedscore.flower.launch import LocalFlowerCluster, descendants  # noqa: E402
 from fedscore.flower.run import server_settings  # noqa: E402
-from fedscore.runs.config import load_config  # noqa: E402
 from fedscore.runs.federated import train_federated  # noqa: E402
 
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 from fedscore import diffusion, toy
+from fedscore.config import RunConfig, load_config
 from fedscore.metrics.toy import score_error
 from fedscore.models.build import build_model_for
-from fedscore.runs.config import RunConfig, load_config
 from fedscore.runs.federated import train_federated
 from fedscore.runs.sampling import model_score_fn
 

@@ -2,7 +2,7 @@
 
 K = 10 agents, 100 steps of the exponential integrator, batch 16, `mean` aggregator:
   (a) fedscore's agent batching: StackedAgents with its "auto" strategy (also both named
-      strategies, "vmap" and "loop", for the record);
+      strategies, "vmap" and "sequential", for the record);
   (b) a Python loop over K separate nn.Modules (inference.stack_scores);
   (c) ONE model at batch K x 16 = 160: the floor (the same arithmetic, one call);
 and the `mixture` aggregator (Itô density tracking) against `mean`, both through (a).
@@ -50,8 +50,8 @@ from fedscore.inference.agents import StackedAgents
 from fedscore.models import build_model, count_params
 
 CLASSES = 10
-VARIANTS = ("a-auto", "a-vmap", "a-loop", "b-python-loop", "c-one-model", "mixture")
-STRATEGY = {"a-auto": "auto", "a-vmap": "vmap", "a-loop": "loop"}
+VARIANTS = ("a-auto", "a-vmap", "a-sequential", "b-python-loop", "c-one-model", "mixture")
+STRATEGY = {"a-auto": "auto", "a-vmap": "vmap", "a-sequential": "sequential"}
 KINDS = {
     "mlp": ("mlp", {"dim": 2}, (2,)),  # the toy score MLP: hidden 128, depth 3
     "mlp-small": ("mlp", {"dim": 2, "hidden": 32, "depth": 2}, (2,)),

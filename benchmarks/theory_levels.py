@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from fedscore.runs.config import load_config
+from fedscore.config import load_config
 from fedscore.runs.federated import train_federated
 from fedscore.theory import constants_from_metrics, run_bound, theorem1
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedscore import runtime
+from fedscore.config import load_config
 from fedscore.errors import FedscoreError
-from fedscore.runs.config import load_config
 from fedscore.runs.federated import train_federated
 
 

@@ -32,7 +32,7 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default 
 
 
 def _config(config: Path | None, overrides: list[str] | None, out: Path | None):
-    from fedscore.runs.config import load_config
+    from fedscore.config import load_config
 
     fields = {}
     if out is not None:
@@ -49,7 +49,7 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and stop.")] = False,
 ) -> None:
     """Train a score model (centralised, or federated when the config has `federation`)."""
-    from fedscore.runs.config import dump_config
+    from fedscore.config import dump_config
 
     cfg = _config(config, set_, out)
     if dry_run:
@@ -171,8 +171,8 @@ def agents_train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and stop.")] = False,
 ) -> None:
     """Train K class-conditional agents, each alone on its partition (FI paper §4.1)."""
+    from fedscore.config import dump_config
     from fedscore.experiments.agents import train_agents
-    from fedscore.runs.config import dump_config
 
     cfg = _config(config, set_, out)
     if dry_run:

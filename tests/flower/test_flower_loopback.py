@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedscore.config import load_config
 from fedscore.flower.launch import LocalFlowerCluster
 from fedscore.flower.run import server_settings
 from fedscore.runs.checkpoint import load_checkpoint
-from fedscore.runs.config import load_config
 from fedscore.runs.federated import train_federated
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

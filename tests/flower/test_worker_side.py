@@ -6,9 +6,9 @@ import torch
 
 from fedscore import data as datasets
 from fedscore import federated
+from fedscore.config import load_config
 from fedscore.federated.setup import prepare, worker_round
 from fedscore.flower.client_app import node_identity
-from fedscore.runs.config import load_config
 
 
 def cfg(**fed):

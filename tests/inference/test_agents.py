@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from fedscore import data, diffusion, inference
+from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import load_agents, train_agents
 from fedscore.inference.agents import StackedAgents, label_weights
 from fedscore.models import build_model
-from fedscore.runs.config import load_config
 from fedscore.runs.train import load_model
 
 
@@ -34,7 +34,7 @@ def inputs(kind, b=5):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
 @pytest.mark.parametrize("parameterisation", ["eps", "score"])
 def test_stacked_agents_equal_separate_calls(kind, strategy, parameterisation):
     models = nets(kind, 3)
@@ -70,15 +70,15 @@ def test_with_labels_shares_the_parameters_and_binds_new_labels():
     assert not torch.allclose(bound(x, t), agents(x, t))  # None = the "no label" embedding
 
 
-def test_auto_strategy_is_vmap_for_a_small_mlp_and_loop_for_a_conv_net_on_cpu():
+def test_auto_strategy_is_vmap_for_a_small_mlp_and_sequential_for_a_conv_net_on_cpu():
     assert StackedAgents(nets("mlp", 1)[0], nets("mlp", 2)).strategy == "vmap"
-    assert StackedAgents(nets("unet", 1)[0], nets("unet", 2)).strategy == "loop"
+    assert StackedAgents(nets("unet", 1)[0], nets("unet", 2)).strategy == "sequential"
     # naming a strategy overrides the rule
     assert StackedAgents(nets("unet", 1)[0], nets("unet", 2), strategy="vmap").strategy == "vmap"
 
 
 @pytest.mark.parametrize("name", sorted(inference.AGGREGATORS))
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
 def test_identical_stacked_agents_give_the_single_agents_samples(name, strategy):
     (model,) = nets("mlp", 1, seed=3)
     y = torch.arange(3).repeat_interleave(20)

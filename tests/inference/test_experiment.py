@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedscore.cli import app
+from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import (
     AGGREGATOR_NAMES,
@@ -17,7 +18,6 @@ from fedscore.experiments.agents import (
     sample_agents,
     train_agents,
 )
-from fedscore.runs.config import load_config
 from fedscore.runs.evaluate import load_samples
 
 

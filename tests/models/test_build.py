@@ -4,10 +4,10 @@ whole or refused with one clear error."""
 import pytest
 import torch
 
+from fedscore.config import ModelConfig
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write
 from fedscore.models.build import build_model_for, load_trained, load_weights, save_weights
-from fedscore.runs.config import ModelConfig
 
 MLP = ModelConfig(kind="mlp", options={"hidden": 16, "depth": 2})
 

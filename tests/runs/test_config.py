@@ -2,8 +2,8 @@
 
 import pytest
 
+from fedscore.config import dump_config, load_config
 from fedscore.errors import FedscoreError
-from fedscore.runs.config import dump_config, load_config
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):

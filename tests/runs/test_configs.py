@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedscore import data as datasets
+from fedscore.config import FederationConfig, load_config
 from fedscore.models.build import build_model_for
-from fedscore.runs.config import FederationConfig, load_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedscore import data, toy
+from fedscore.config import FederationConfig, PartitionConfig, dump_config, load_config
 from fedscore.errors import FedscoreError
 from fedscore.metrics import (
     FeatureStats,
@@ -21,7 +22,6 @@ from fedscore.metrics import (
 )
 from fedscore.metrics import features as feat
 from fedscore.runs import evaluate as ev
-from fedscore.runs.config import FederationConfig, PartitionConfig, dump_config, load_config
 from fedscore.runs.evaluate import evaluate_run, load_samples, real_statistics, sample_run
 from fedscore.runs.train import train_central
 

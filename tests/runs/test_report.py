@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from fedscore.config import dump_config, load_config
 from fedscore.errors import FedscoreError
-from fedscore.runs.config import dump_config, load_config
 from fedscore.runs.evaluate import evaluate_run, sample_run
 from fedscore.runs.report import report_runs
 from fedscore.runs.train import train_central

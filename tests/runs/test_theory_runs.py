@@ -3,8 +3,8 @@ report reads them back; across the pruning levels Gamma* falls and w^2 rises."""
 
 import pytest
 
+from fedscore.config import load_config
 from fedscore.errors import FedscoreError
-from fedscore.runs.config import load_config
 from fedscore.runs.federated import train_federated
 from fedscore.theory import constants_from_metrics, run_bound
 

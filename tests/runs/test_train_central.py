@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fedscore import diffusion, toy
+from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.metrics.toy import score_error
-from fedscore.runs.config import load_config
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.sampling import model_score_fn
 from fedscore.runs.train import DivergenceError, load_model, train_central

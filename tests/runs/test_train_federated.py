@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fedscore import diffusion, toy
+from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.metrics.toy import score_error
 from fedscore.runs.checkpoint import load_checkpoint
-from fedscore.runs.config import load_config
 from fedscore.runs.federated import train_federated
 from fedscore.runs.sampling import model_score_fn
 from fedscore.runs.train import DivergenceError

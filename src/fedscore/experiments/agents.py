@@ -18,6 +18,7 @@ import torch
 
 from fedscore import data as datasets
 from fedscore import diffusion
+from fedscore.config import dump_config, load_config
 from fedscore.errors import FedscoreError, unknown
 from fedscore.inference.agents import (
     COUNTS_FILE,
@@ -29,8 +30,10 @@ from fedscore.inference.agents import (
 from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
 from fedscore.inference.sampling import agents_score_fn, draw
 from fedscore.io import atomic_write_text
-from fedscore.runs.config import dump_config, load_config
+from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
 from fedscore.runs.folder import RunFolder
+from fedscore.runs.plots import image_grid
+from fedscore.runs.sampling import sampling_grid
 from fedscore.runs.train import load_model, train_central
 
 AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture")
@@ -143,9 +146,6 @@ def sample_agents(run_dirs, out: str | Path, *, aggregator: str = "mixture",
     sampling grid (their config's `sample.grid` over [delta, T]). Writes `samples.npz` (as
     `fedscore sample` does, so `fedscore evaluate AGENT_DIR --samples` scores it) and
     `samples.png` (one row per label) into `out`; returns their paths."""
-    from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
-    from fedscore.runs.plots import image_grid
-    from fedscore.runs.sampling import sampling_grid
 
     if aggregator not in AGGREGATOR_NAMES:
         raise unknown("aggregator", aggregator, AGGREGATOR_NAMES)

@@ -3,7 +3,7 @@
 A preset (presets/<name>.yaml, shipped inside the package so an installed fedscore finds
 them) holds:
 
-- `config`: the RunConfig fields every cell shares (fedscore.runs.config);
+- `config`: the RunConfig fields every cell shares (fedscore.config);
 - `cells`: name -> one cell, trained, sampled and evaluated by the one runner:
   `federated` (a federated run, eqs. 7-8), `agents` (FI agents of one regime, each sample set
   one aggregator) or `real` (real images of a split: the floor the metrics reach at the
@@ -26,10 +26,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedscore.config import RunConfig, _describe, _merge
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import AGGREGATOR_NAMES
 from fedscore.inference.agents import REGIMES
-from fedscore.runs.config import RunConfig, _describe, _merge
 
 PRESETS = Path(__file__).with_name("presets")
 

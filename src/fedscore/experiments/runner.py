@@ -29,9 +29,17 @@ from torch import Tensor
 from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.errors import FedscoreError
-from fedscore.experiments.agents import same_run_config
+from fedscore.experiments.agents import load_agents, same_run_config, train_agents
 from fedscore.experiments.preset import Preset, load_preset
+from fedscore.experiments.sections import write_report
 from fedscore.inference.sampling import agents_score_fn, draw
+from fedscore.metrics import get_extractor
+from fedscore.runs.evaluate import evaluate_samples
+from fedscore.runs.federated import train_federated
+from fedscore.runs.folder import RunFolder
+from fedscore.runs.plots import image_grid
+from fedscore.runs.sampling import model_score_fn
+from fedscore.runs.train import load_model
 
 
 @dataclass
@@ -94,8 +102,6 @@ class Stopwatch:
 def train_federation(cfg, *, progress: bool = True) -> Trained:
     """A federated cell's global model (eqs. 7-8). A finished run of the same config is
     loaded, an interrupted one resumed; a folder of another config is refused."""
-    from fedscore.runs.federated import train_federated
-    from fedscore.runs.train import load_model
 
     path = cfg.run_dir()
     if (path / "config.yaml").is_file() and not same_run_config(path, cfg):
@@ -112,7 +118,6 @@ def train_federation(cfg, *, progress: bool = True) -> Trained:
 def train_agents_cell(cfg, regime: str, path: Path, n_agents: int, *,
                       progress: bool = True) -> Trained:
     """An agents cell: K agents of the regime, each alone on its partition, stacked."""
-    from fedscore.experiments.agents import load_agents, train_agents
 
     done = all((path / f"agent-{j:02d}" / "model.safetensors").is_file()
                for j in range(1 if regime == "control" else n_agents))
@@ -146,7 +151,6 @@ def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool =
                 ) -> list[dict]:
     """Every sample set of the experiment, in cell order: {cell, label, aggregator,
     images, labels, mixture} (mixture: the mixture aggregator, read for its final weights)."""
-    from fedscore.runs.sampling import model_score_fn
 
     info = datasets.info(preset.dataset)
     shape, s = tuple(info.shape), preset.sampling
@@ -184,7 +188,6 @@ def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool =
 def federated_facts(path: Path) -> dict[str, Any]:
     """A federated run's last-round numbers from its metrics.jsonl: final loss, the last
     held-out eq. 9, Gamma* and bytes sent by all workers in the last round."""
-    from fedscore.runs.folder import RunFolder
 
     records = RunFolder(path).metrics()
     eq9 = [r["eq9_heldout"] for r in records if r.get("eq9_heldout") is not None]
@@ -197,9 +200,6 @@ def evaluate_sets(ctx: Context, sets: list[dict], *, progress: bool = True) -> N
     """One row per sample set into ctx.rows (evaluate_samples against the preset's
     reference split, plus the cell's tags and a federated cell's last-round numbers), and
     its grid (one row per label) into ctx.grids."""
-    from fedscore.metrics import get_extractor
-    from fedscore.runs.evaluate import evaluate_samples
-    from fedscore.runs.plots import image_grid
 
     preset = ctx.preset
     extractor = get_extractor(preset.dataset, progress=progress)
@@ -243,7 +243,6 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
     budget, dataset, seed, overrides: as `load_preset`. echo: where the stage headings go.
     Finished training in `out` of the same config is reused; sampling, evaluation and the
     report are redone."""
-    from fedscore.experiments.sections import write_report
 
     if not isinstance(preset, Preset):
         preset = load_preset(preset, budget=budget, dataset=dataset, seed=seed,

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedscore import data as datasets
+from fedscore.experiments.agents import diagnostics_inputs
+from fedscore.experiments.figures import loss_figure, pruning_figure
 from fedscore.experiments.prose import PROSE
 from fedscore.experiments.report import (
     Block,
@@ -20,10 +23,14 @@ from fedscore.experiments.report import (
     to_html,
     to_markdown,
 )
+from fedscore.federated.setup import keep_ratios
+from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
+from fedscore.io import atomic_write_text
+from fedscore.runs.evaluate import json_safe
+from fedscore.runs.folder import RunFolder
 
 
 def _records(path: Path) -> list[dict]:
-    from fedscore.runs.folder import RunFolder
 
     return RunFolder(path).metrics()
 
@@ -100,7 +107,6 @@ def _grouped(texts: dict[str, str]) -> list[str]:
 
 def loss(ctx) -> list[Block]:
     """The training loss: federated cells grouped by their panel, then each agents cell."""
-    from fedscore.experiments.figures import loss_figure
 
     fed: dict[str, dict[str, list[dict]]] = {}
     for name, cell in _cells(ctx, "federated").items():
@@ -158,8 +164,6 @@ def pruning_summary(records: list[dict]) -> dict:
 def pruning_statistics(ctx) -> list[Block]:
     """Per federated cell: what the masks kept, Gamma*, coverage, bytes (a table and a
     figure); the numbers go to results.json under `pruning`."""
-    from fedscore.experiments.figures import pruning_figure
-    from fedscore.federated.setup import keep_ratios
 
     blocks: list[Block] = [("h2", "Pruning statistics")]
     cells = _cells(ctx, "federated")
@@ -197,9 +201,6 @@ def pruning_statistics(ctx) -> list[Block]:
 def diagnostics(ctx) -> list[Block]:
     """FI eqs. 9-13 (the paper's Tables 3-4, aggregator `mean`) per agents cell of more
     than one agent, on noise and real test inputs; CSVs in diagnostics/."""
-    from fedscore import data as datasets
-    from fedscore.experiments.agents import diagnostics_inputs
-    from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
 
     p = ctx.preset
     info = datasets.info(p.dataset)
@@ -260,8 +261,6 @@ SECTIONS = {"loss": loss, "diagnostics": diagnostics,
 
 def write_report(ctx, clock) -> tuple[Path, Path]:
     """report.md, report.html and results.json in ctx.out; returns (md, html)."""
-    from fedscore.io import atomic_write_text
-    from fedscore.runs.evaluate import json_safe
 
     intro, verdict = PROSE[ctx.preset.report]
     middle: list[Block] = []

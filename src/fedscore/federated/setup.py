@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fedscore import data as datasets
 from fedscore import diffusion
+from fedscore.config import FederationConfig, RunConfig
 from fedscore.errors import FedscoreError
 from fedscore.federated.levels import level_ratios
 from fedscore.federated.local import local_update
@@ -30,7 +31,6 @@ from fedscore.federated.masks import build_masks
 from fedscore.federated.optim import Optimizer, make_optimizer
 from fedscore.federated.seeding import DATA, MASKS, seed_for
 from fedscore.models.build import build_model_for
-from fedscore.runs.config import FederationConfig, RunConfig
 from fedscore.runtime import CPU_FP32, Runtime
 
 Params = dict[str, Tensor]

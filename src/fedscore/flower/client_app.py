@@ -32,11 +32,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedscore import data as datasets
+from fedscore.config import config_from_text
 from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
 from fedscore.flower import payload
 from fedscore.flower.records import flat_record, from_flat_record
-from fedscore.runs.config import config_from_text
 
 app = ClientApp()
 

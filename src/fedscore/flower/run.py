@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedscore.config import FederationConfig, RunConfig, dump_config
 from fedscore.errors import FedscoreError
 from fedscore.flower.launch import LocalFlowerCluster, tail
-from fedscore.runs.config import FederationConfig, RunConfig, dump_config
 
 DEPLOYMENTS = ("loopback", "simulation")
 

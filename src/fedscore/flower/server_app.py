@@ -22,10 +22,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedscore.config import config_from_text
 from fedscore.federated.loop import RoundEvent, run_rounds
 from fedscore.federated.setup import model_setup
 from fedscore.flower.transport import FlowerTransport
-from fedscore.runs.config import config_from_text
 from fedscore.runs.federated import folder_hook, resume_state, save_final
 from fedscore.runs.folder import RunFolder
 

@@ -2,16 +2,17 @@
 
 Federated inference evaluates K networks of one architecture at every reverse step. They
 are held as ONE set of stacked parameters (name -> (K, ...) tensor, as
-torch.func.stack_module_state makes) and evaluated by one of two strategies:
+torch.func.stack_module_state makes) and evaluated by one of two strategies, named as the
+federated engine names them (one vocabulary for "K stacked copies of one model"):
 
-  "vmap"  torch.func.vmap of torch.func.functional_call over the agent axis, in_dims
-          (0, None, None, None): one batched call for all K agents, the batch x shared;
-  "loop"  functional_call once per agent on views of the same stacked tensors.
+  "vmap"        torch.func.vmap of the score over the agent axis, in_dims
+                (0, None, None, None): one batched call for all K agents, the batch x shared;
+  "sequential"  one call per agent on views of the same stacked tensors.
 
-"auto" uses the federated engine's rule (`fedscore.federated.engine.choose_strategy`, one
+"auto" is the federated engine's rule (`fedscore.federated.engine.choose_strategy`, one
 rule for training and inference): "vmap" when the parameters are on an accelerator or the
 model is small and conv-free (<= AUTO_VMAP_MAX_PARAMS parameters, no parameter of ndim > 2),
-"loop" otherwise. Why: on this project's 2-core CPU a prototype measured vmap ~3x faster
+"sequential" otherwise. Why: on this project's 2-core CPU a prototype measured vmap ~3x faster
 than a loop for a small MLP (per-call overhead dominates), but SLOWER for a 0.7 M-parameter
 conv U-Net: under vmap a conv with per-agent weights becomes a grouped conv, which is slow
 on CPU, and the work is compute-bound anyway (benchmarks/inference_overhead.py measures it).
@@ -30,22 +31,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from fedscore.diffusion import PARAMETERISATIONS, to_score
+from fedscore.diffusion import PARAMETERISATIONS, ScoreModel
 from fedscore.errors import FedscoreError, unknown
+from fedscore.federated.engine import choose_strategy
 
 Params = dict[str, Tensor]
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "vmap", "sequential")
 COUNTS_FILE = "class_counts.json"
-
-
-def choose_strategy(params: Params) -> str:
-    """The "auto" rule (see the module docstring): the federated engine's choice, named in
-    this module's terms ("sequential" there is "loop" here)."""
-    from fedscore.federated.engine import choose_strategy as engine_rule
-
-    return "vmap" if engine_rule(params) == "vmap" else "loop"
 
 
 def _stack(params) -> Params:
@@ -87,7 +81,7 @@ class StackedAgents:
                       (name -> (K, ...)).
     parameterisation: how a raw output reads as a score ("eps": s = -out / sigma_t; "score").
     labels:           (B,) class labels bound for class-conditional agents (None: none).
-    strategy:         "auto", "vmap" or "loop" (module docstring).
+    strategy:         "auto", "vmap" or "sequential" (module docstring).
     counts:           optional (K, C) per-class sample counts of the agents.
 
     Shapes: x (B, ...), t (B,) forward times -> (K, B, ...) scores. Has `n_agents`, so every
@@ -108,7 +102,7 @@ class StackedAgents:
         self.model = model
         self.params = _stack(params)
         self.n_agents = next(iter(self.params.values())).shape[0]
-        # per-agent views of the stacked tensors (no copies), for the "loop" strategy
+        # per-agent views of the stacked tensors (no copies), for the "sequential" strategy
         self._views = [{k: v[i] for k, v in self.params.items()} for i in range(self.n_agents)]
         if parameterisation not in PARAMETERISATIONS:
             raise unknown("parameterisation", parameterisation, PARAMETERISATIONS)
@@ -133,8 +127,7 @@ class StackedAgents:
         return other
 
     def _one(self, p: Params, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        out = functional_call(self.model, p, (x, t, y))
-        return to_score(out, t, self.parameterisation)
+        return ScoreModel(self.model, self.parameterisation, y, params=p)(x, t)
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """(K, B, ...) scores of the K agents at x (B, ...), forward times t (B,); labels y

@@ -20,7 +20,7 @@ from fedscore.models.registry import build_model
 
 
 class ModelSpec(Protocol):
-    """What the builder reads of a model config (fedscore.runs.config.ModelConfig)."""
+    """What the builder reads of a model config (fedscore.config.ModelConfig)."""
 
     kind: str
     size: str

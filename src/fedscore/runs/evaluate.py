@@ -33,10 +33,30 @@ import torch
 from torch import Tensor
 
 from fedscore import data as datasets
+from fedscore import diffusion, toy
+from fedscore.config import FederationConfig, RunConfig, load_config
 from fedscore.errors import FedscoreError
+from fedscore.federated.setup import partition_kwargs
 from fedscore.io import atomic_write, atomic_write_text
+from fedscore.metrics import (
+    class_accuracy,
+    component_frequency_error,
+    fid_from_stats,
+    get_extractor,
+    inception_score,
+    kid,
+    kl_estimate,
+    mmd2_rbf,
+    precision_recall,
+    score_error,
+    sliced_wasserstein,
+    unrecognisable_fraction,
+)
+from fedscore.metrics.inception_net import load_inception
 from fedscore.metrics.stats import FeatureStats
-from fedscore.runs.config import FederationConfig, RunConfig, load_config
+from fedscore.runs.plots import image_grid, scatter_vs_truth
+from fedscore.runs.sampling import model_score_fn, sample_model
+from fedscore.runs.train import load_model
 
 SAMPLES = "samples.npz"
 FIGURE = "samples.png"
@@ -50,7 +70,6 @@ def _is_toy(cfg: RunConfig) -> bool:
 
 
 def _mixture(cfg: RunConfig):
-    from fedscore import toy
 
     return toy.preset(cfg.data.name.partition(":")[2])
 
@@ -84,9 +103,6 @@ def sample_run(
     mixtures a scatter beside n exact samples) into `out` (default: the run folder).
 
     Returns {"samples": npz path, "figure": png path}."""
-    from fedscore.runs.plots import image_grid, scatter_vs_truth
-    from fedscore.runs.sampling import sample_model
-    from fedscore.runs.train import load_model
 
     if not isinstance(n, int) or n < 1:
         raise FedscoreError(f"n (number of samples) must be a positive integer, got {n!r}")
@@ -181,7 +197,6 @@ def silo_parts(cfg: RunConfig, labels: Tensor) -> list[np.ndarray] | None:
     fed = cfg.federation
     if not isinstance(fed, FederationConfig):
         return None
-    from fedscore.federated.setup import partition_kwargs
 
     return datasets.partition(labels.numpy(), fed.partition.scheme, n_workers=fed.workers,
                               seed=cfg.seed, **partition_kwargs(fed))
@@ -255,7 +270,6 @@ def evaluate_run(
         result |= toy_metrics(run_dir, cfg, x, labels, seed=seed)
     else:
         if inception_weights is not None:  # fail on a bad file before the long work
-            from fedscore.metrics.inception_net import load_inception
 
             inception = load_inception(inception_weights)
         result |= image_metrics(cfg, x, labels, seed=seed, progress=progress)
@@ -296,12 +310,6 @@ def evaluate_samples(
     images (n, C, H, W): non-finite samples are counted in `non_finite` and set to 0, and
     every image is clamped to [-1, 1], what an image file of the samples would hold.
     features: the clamped images' features when the caller already has them (KID, P/R)."""
-    from fedscore.metrics import (
-        class_accuracy,
-        fid_from_stats,
-        inception_score,
-        unrecognisable_fraction,
-    )
 
     bad = ~torch.isfinite(images.flatten(1)).all(1)
     x = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
@@ -327,7 +335,6 @@ def image_metrics(cfg: RunConfig, x: Tensor, labels: Tensor | None, *, seed: int
     """FID, KID, IS, precision/recall, class accuracy and the unrecognisable fraction of
     images x (n, C, H, W) from the dataset's domain classifier (fedscore.metrics.features);
     the numbers shared with every experiment table come from `evaluate_samples`."""
-    from fedscore.metrics import get_extractor, kid, precision_recall
 
     extractor = get_extractor(cfg.data.name, progress=progress, data_root=cfg.data.data_root)
     extractor.check_floor()  # one clear error before any number is computed
@@ -369,7 +376,6 @@ def inception_metrics(inception, cfg: RunConfig, x: Tensor, *, seed: int = 0,
                       progress: bool = True) -> dict[str, Any]:
     """The papers' FID and IS +- std on Inception-v3 pool3 features and logits (the real
     statistics per silo and merged, as for the domain features)."""
-    from fedscore.metrics import fid_from_stats, inception_score
 
     x = x.clamp(-1, 1)
     real, real_labels = datasets.load(cfg.data.name, split="train",
@@ -395,16 +401,6 @@ def toy_metrics(run_dir: Path, cfg: RunConfig, x: Tensor, labels: Tensor | None,
                 seed: int = 0) -> dict[str, Any]:
     """Exact metrics of samples x (n, d) of a Gaussian-mixture run (fedscore.metrics.toy),
     and the trained model's epsilon_score^2 on its training grid."""
-    from fedscore import diffusion
-    from fedscore.metrics import (
-        component_frequency_error,
-        kl_estimate,
-        mmd2_rbf,
-        score_error,
-        sliced_wasserstein,
-    )
-    from fedscore.runs.sampling import model_score_fn
-    from fedscore.runs.train import load_model
 
     gm = _mixture(cfg)
     g = torch.Generator().manual_seed(seed + 1)  # seed + 1: the exact samples of the scatter

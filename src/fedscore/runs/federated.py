@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fedscore import data as datasets
+from fedscore.config import FederationConfig, RunConfig
 from fedscore.errors import FedscoreError
 from fedscore.federated.inprocess import InProcessTransport
 from fedscore.federated.loop import RoundEvent, run_rounds
@@ -27,7 +28,6 @@ from fedscore.federated.setup import FederationSetup, draw_batches, prepare
 from fedscore.io import atomic_write
 from fedscore.models.build import save_weights
 from fedscore.runs import checkpoint as ckpt
-from fedscore.runs.config import FederationConfig, RunConfig
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.train import eval_eq9, held_out_batch
 from fedscore.runtime import CPU_FP32, Runtime

@@ -14,9 +14,9 @@ import numpy
 import torch
 
 import fedscore
+from fedscore.config import RunConfig, dump_config
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write_json, atomic_write_text, read_jsonl
-from fedscore.runs.config import RunConfig, dump_config
 
 CHECKPOINT = "checkpoint.safetensors"
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedscore.config import FederationConfig, RunConfig, load_config
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write_text
 from fedscore.plotting import pyplot
-from fedscore.runs.config import FederationConfig, RunConfig, load_config
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import loss_curves
 

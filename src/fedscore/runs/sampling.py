@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fedscore import diffusion
-from fedscore.runs.config import RunConfig
+from fedscore.config import RunConfig
 
 
 def model_score_fn(

@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from fedscore import data as datasets
 from fedscore import diffusion
+from fedscore.config import RunConfig, load_config
 from fedscore.errors import DivergenceError, FedscoreError
 from fedscore.io import atomic_write
 from fedscore.models import ema_update
 from fedscore.models.build import build_model_for, load_trained, save_weights
 from fedscore.runs import checkpoint as ckpt
-from fedscore.runs.config import RunConfig, load_config
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import model_score_fn, sample_model
