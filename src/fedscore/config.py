@@ -165,7 +165,7 @@ class RunConfig(Strict):
         return Path(self.out_dir) / self.name
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         if e["type"] == "literal_error" and isinstance(e.get("input"), dict):
@@ -194,13 +194,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(
             merged.get(k), dict
         ) else v
     return merged
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping is one
+    FedscoreError naming `what` ("config file", "experiment preset") and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedscoreError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise FedscoreError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise FedscoreError(f"{what} {str(path)!r} must hold a mapping of settings")
+    return raw
 
 
 def load_config(
@@ -210,22 +225,13 @@ def load_config(
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FedscoreError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise FedscoreError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise FedscoreError(f"config file {str(path)!r} must hold a mapping of settings")
-        source = str(path)
-    raw = _merge(raw, parse_overrides(overrides or []))
-    raw = _merge(raw, fields)
+        raw, source = read_yaml(path, "config file"), str(path)
+    raw = merge(raw, parse_overrides(overrides or []))
+    raw = merge(raw, fields)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise FedscoreError(_describe(err, source)) from None
+        raise FedscoreError(describe(err, source)) from None
 
 
 def dump_config(cfg: BaseModel) -> str:
@@ -241,4 +247,4 @@ def config_from_text(text: str, source: str = "config text") -> RunConfig:
     except yaml.YAMLError as err:
         raise FedscoreError(f"{source} is not valid YAML: {err}") from err
     except ValidationError as err:
-        raise FedscoreError(_describe(err, source)) from None
+        raise FedscoreError(describe(err, source)) from None

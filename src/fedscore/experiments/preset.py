@@ -23,10 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedscore.config import RunConfig, _describe, _merge
+from fedscore.config import RunConfig, describe, merge, read_yaml
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import AGGREGATOR_NAMES
 from fedscore.inference.agents import REGIMES
@@ -127,18 +126,18 @@ class Preset(Strict):
         cell samples with the preset's `sampling` (so `fedscore sample` on its folder draws
         as the experiment did)."""
         cell = self.cells[name]
-        fields = _merge(self.config, cell.config)
-        fields = _merge(fields, {"data": {"name": self.dataset}})
+        fields = merge(self.config, cell.config)
+        fields = merge(fields, {"data": {"name": self.dataset}})
         if cell.kind == "federated":
             s = self.sampling
-            fields = _merge(fields, {"sample": {
+            fields = merge(fields, {"sample": {
                 "method": s.method, "grid": s.grid, "steps": s.steps,
                 "n": 10 * s.per_label, "clip_denoised": s.clip}})
-        fields = _merge(fields, {"name": name, "out_dir": str(out), "seed": self.seed})
+        fields = merge(fields, {"name": name, "out_dir": str(out), "seed": self.seed})
         try:
             return RunConfig.model_validate(fields)
         except ValidationError as err:
-            raise FedscoreError(_describe(
+            raise FedscoreError(describe(
                 err, f"cell {name!r} of experiment preset {self.name!r}")) from None
 
 
@@ -153,14 +152,7 @@ def _read(name_or_path: str | Path) -> tuple[dict, str]:
         if str(name_or_path) not in preset_names():
             raise unknown("experiment preset", name_or_path, preset_names())
         path = PRESETS / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise FedscoreError(f"experiment preset {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise FedscoreError(f"experiment preset {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise FedscoreError(f"experiment preset {str(path)!r} must hold a mapping")
+    raw = read_yaml(path, "experiment preset")
     return raw, str(path)
 
 
@@ -179,8 +171,8 @@ def load_preset(name_or_path: str | Path, *, budget: str | None = None,
         raise FedscoreError(
             f"unknown budget {budget!r} of experiment {raw.get('name', source)!r}; choose one "
             f"of: {', '.join(budgets) or '(none defined: add a budgets: section)'}")
-    raw = _merge(raw, budgets[budget] or {})
-    raw = _merge(raw, overrides or {})
+    raw = merge(raw, budgets[budget] or {})
+    raw = merge(raw, overrides or {})
     raw["budget"] = budget
     if dataset is not None:
         raw["dataset"] = dataset
@@ -189,7 +181,7 @@ def load_preset(name_or_path: str | Path, *, budget: str | None = None,
     try:
         preset = Preset.model_validate(raw)
     except ValidationError as err:
-        raise FedscoreError(_describe(err, f"experiment preset {source}")) from None
+        raise FedscoreError(describe(err, f"experiment preset {source}")) from None
     for name, cell in preset.cells.items():
         if cell.kind != "real":
             preset.cell_config(name, "runs")
