@@ -214,7 +214,7 @@ def test_inception_scores_are_added_when_weights_are_given(digits_run, monkeypat
             return FeatureStats.from_features(self.features_and_logits(images)[0])
 
     loaded = []
-    monkeypatch.setattr("fedscore.metrics.inception_net.load_inception",
+    monkeypatch.setattr("fedscore.runs.evaluate.load_inception",
                         lambda path: loaded.append(path) or StandIn())
     scores = evaluate_run(digits_run, inception_weights="w.pth", progress=False)
     assert loaded == ["w.pth"]
