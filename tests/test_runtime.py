@@ -42,3 +42,18 @@ def test_bf16_autocast_trains_the_same_federation_to_nearly_the_same_model(tmp_p
     assert math.isfinite(bf16.eq9) and bf16.eq9 == pytest.approx(fp32.eq9, rel=0.2)
     assert any(not torch.equal(bf16.params[k], v) for k, v in fp32.params.items())
     assert (bf16.folder.path / "runtime.json").read_text().count("bf16") == 1
+
+
+def test_centralised_training_takes_the_runtime_too(tmp_path):
+    from fedscore.runs.train import train_central
+
+    cfg = load_config(None, name="central-bf16", out_dir=str(tmp_path),
+                      data={"name": "gmm:ring8"},
+                      model={"kind": "mlp", "options": {"hidden": 32, "depth": 2}},
+                      diffusion={"steps": 20},
+                      train={"steps": 20, "batch_size": 64, "eval_batch": 128,
+                             "log_every": 10, "checkpoint_every": 20})
+    result = train_central(cfg, progress=False, runtime=runtime.Runtime(precision="bf16"))
+    assert math.isfinite(result.final_loss) and math.isfinite(result.eq9)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert "bf16" in (result.folder.path / "runtime.json").read_text()

@@ -35,6 +35,7 @@ from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import sampling_grid
 from fedscore.runs.train import load_model, train_central
+from fedscore.runtime import CPU_FP32, Runtime
 
 AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture")
 """The aggregators an experiment or `fedscore agents sample` may name (SPEC §3)."""
@@ -50,7 +51,7 @@ def same_run_config(path: Path, cfg) -> bool:
 
 def train_agents(
     cfg, regime: str, out_dir: str | Path | None = None, *, n_agents: int = 10,
-    progress: bool = True,
+    progress: bool = True, runtime: Runtime = CPU_FP32,
 ) -> list[Path]:
     """Train one class-conditional score model per partition of the training split, each
     alone on its own data (train_central on its indices), for a regime of FI §4.1.
@@ -95,7 +96,7 @@ def train_agents(
             folder = RunFolder.open(agent, resume=resume, path=path)
             atomic_write_text(path / COUNTS_FILE, json.dumps(
                 {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
-            train_central(agent, resume=resume, progress=progress, folder=folder,
+            train_central(agent, resume=resume, progress=progress, folder=folder, runtime=runtime,
                           indices=torch.as_tensor(idx))
         folders.append(path)
         summary.append({"folder": path.name, "class_counts": counts[j].tolist()})

@@ -40,6 +40,7 @@ from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import model_score_fn
 from fedscore.runs.train import load_model
+from fedscore.runtime import CPU_FP32, Runtime
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Stopwatch:
 # ---------------------------------------------------------------- 1. training
 
 
-def train_federation(cfg, *, progress: bool = True) -> Trained:
+def train_federation(cfg, *, progress: bool = True, runtime: Runtime = CPU_FP32) -> Trained:
     """A federated cell's global model (eqs. 7-8). A finished run of the same config is
     loaded, an interrupted one resumed; a folder of another config is refused."""
 
@@ -111,17 +112,19 @@ def train_federation(cfg, *, progress: bool = True) -> Trained:
     if (path / "model.safetensors").is_file():
         return Trained(cfg, path, load_model(path)[0], reused=True)
     resume = (path / "checkpoint.safetensors").is_file()
-    model = train_federated(cfg, resume=resume, progress=progress).model.eval()
+    model = train_federated(cfg, resume=resume, progress=progress,
+                            runtime=runtime).model.eval()
     return Trained(cfg, path, model)
 
 
 def train_agents_cell(cfg, regime: str, path: Path, n_agents: int, *,
-                      progress: bool = True) -> Trained:
+                      progress: bool = True, runtime: Runtime = CPU_FP32) -> Trained:
     """An agents cell: K agents of the regime, each alone on its partition, stacked."""
 
     done = all((path / f"agent-{j:02d}" / "model.safetensors").is_file()
                for j in range(1 if regime == "control" else n_agents))
-    dirs = train_agents(cfg, regime, path, n_agents=n_agents, progress=progress)
+    dirs = train_agents(cfg, regime, path, n_agents=n_agents, progress=progress,
+                        runtime=runtime)
     return Trained(cfg, path, agents=load_agents(dirs), reused=done)
 
 
@@ -237,10 +240,12 @@ def _slug(text: str) -> str:
 def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str | None = None,
                    dataset: str | None = None, seed: int | None = None,
                    overrides: dict[str, Any] | None = None, progress: bool = True,
-                   echo: Callable[[str], None] = print) -> ExperimentResult:
+                   echo: Callable[[str], None] = print,
+                   runtime: Runtime = CPU_FP32) -> ExperimentResult:
     """Run an experiment preset (a shipped name, a YAML path, or a resolved Preset) into
     `out`: train its cells, sample, evaluate, write report.md, report.html and results.json.
     budget, dataset, seed, overrides: as `load_preset`. echo: where the stage headings go.
+    runtime: the device and precision every cell trains on, chosen here once.
     Finished training in `out` of the same config is reused; sampling, evaluation and the
     report are redone."""
 
@@ -259,11 +264,12 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
     for i, (name, cell) in enumerate(preset.cells.items(), start=1):
         echo(f"[{i}/{stages}] {_describe(name, cell, preset)}")
         if cell.kind == "federated":
-            trained[name] = train_federation(preset.cell_config(name, out), progress=progress)
+            trained[name] = train_federation(preset.cell_config(name, out), progress=progress,
+                                             runtime=runtime)
         elif cell.kind == "agents":
             cfg = preset.cell_config(name, out)
             trained[name] = train_agents_cell(cfg, cell.regime, out / name, cell.n_agents,
-                                              progress=progress)
+                                              progress=progress, runtime=runtime)
         else:
             trained[name] = Trained()
         clock.lap(f"train {name}")

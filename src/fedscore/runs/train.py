@@ -28,6 +28,7 @@ from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import model_score_fn, sample_model
+from fedscore.runtime import CPU_FP32, Runtime
 
 
 @dataclass
@@ -65,11 +66,13 @@ def eval_eq9(cfg: RunConfig, model: nn.Module, x0: Tensor, y: Tensor, times: Ten
 
 def train_central(
     cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-    folder: RunFolder | None = None, indices=None,
+    folder: RunFolder | None = None, indices=None, runtime: Runtime = CPU_FP32,
 ) -> TrainResult:
     """Train one score model on the training split (or the subset `indices` of it, e.g. one
-    agent's partition); returns the trained model."""
+    agent's partition) on `runtime` (device; the network's passes under its autocast,
+    weights and Adam in fp32); returns the trained model."""
     folder = folder or RunFolder.open(cfg, resume=resume)
+    folder.write_json("runtime.json", runtime.describe())
     images, labels = datasets.load(
         cfg.data.name, split="train", data_root=cfg.data.data_root, download=cfg.data.download
     )
@@ -78,6 +81,7 @@ def train_central(
         idx = torch.as_tensor(indices, dtype=torch.long)
         images, labels = images[idx], labels[idx]
     model = build_model_for(cfg.model, tuple(images.shape[1:]), num_classes, seed=cfg.seed)
+    model.to(runtime.device)
     opt = make_optimizer(cfg, model)
     times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
     total_time = float(times[0] - times[-1])
@@ -91,7 +95,7 @@ def train_central(
     if resume:
         start, ema = _restore(cfg, folder, model, opt, g, ema)
         folder.truncate_metrics("step", start)
-    eval_x, eval_y = held_out_batch(cfg, cfg.train.eval_batch)
+    eval_x, eval_y = (v.to(runtime.device) for v in held_out_batch(cfg, cfg.train.eval_batch))
 
     steps = cfg.train.steps
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
@@ -104,8 +108,15 @@ def train_central(
         x0 = images[idx]
         y = labels[idx] if cfg.model.conditional else None
         t, eps = diffusion.draw_noise(x0, times, cfg.diffusion.weighting, g)
+        x0, t, eps = x0.to(runtime.device), t.to(runtime.device), eps.to(runtime.device)
+        score = model_score_fn(model, cfg, None if y is None else y.to(runtime.device))
+
+        def net(x: Tensor, tt: Tensor, score=score) -> Tensor:
+            with runtime.autocast():
+                return score.net_fn(x, tt).float()
+
         loss = diffusion.dsm_loss(
-            model_score_fn(model, cfg, y).net_fn, x0, t, eps,
+            net, x0, t, eps,
             weighting=cfg.diffusion.weighting,
             parameterisation=cfg.diffusion.parameterisation,
             total_time=total_time,
