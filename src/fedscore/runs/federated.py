@@ -31,6 +31,7 @@ from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.train import eval_eq9, held_out_batch
 from fedscore.runtime import CPU_FP32, Runtime
+from fedscore.theory import Estimator
 
 
 @dataclass
@@ -119,8 +120,6 @@ def eq9_hook(cfg: RunConfig, model: nn.Module, times: Tensor):
 def theory_hook(cfg: RunConfig, f: FederationSetup):
     """Theorem 1's constants at theta_q (every `theory.every` rounds) and at theta_Q, from
     the round's own masks and batches plus large fixed batches per worker."""
-    from fedscore.theory import Estimator  # theory sits beside federated; only this hook needs it
-
     estimator = Estimator(f.loss_fn, every=cfg.theory.every, S=f.steps, eta=cfg.federation.lr)
     size = min(cfg.theory.full_batch, 256)
     chunks = max(1, cfg.theory.full_batch // size)
