@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -44,7 +44,6 @@ class InProcessTransport:
     opt_state: Any = None
     samples_per_round: int = 0
     keep_inputs: bool = False  # hand (masks, batches) to hooks (the theory estimator)
-    _workers: list[int] = field(default_factory=list, init=False)
 
     def run_round(self, q: int, params: Params) -> RoundOutcome:
         t0 = time.perf_counter()

@@ -152,6 +152,22 @@ def progress_hook(bar):
 # ---------------------------------------------------------------- the in-process run
 
 
+def workers_strategy(strategy: str, runtime: Runtime) -> str:
+    """The engine strategy the workers can run with on `runtime`: torch.func.vmap of grad
+    under CPU autocast fails in torch 2.14 ("expected scalar type BFloat16 but found
+    Float"), so a reduced precision on the CPU trains the workers one after another; naming
+    a vectorised strategy there is one clear error instead of torch's."""
+    if runtime.precision == "fp32" or runtime.device.type != "cpu":
+        return strategy
+    if strategy in ("vmap", "chunked"):
+        raise FedscoreError(
+            f"federation.strategy {strategy!r} cannot train in {runtime.precision} on the CPU "
+            "(vmap under CPU autocast fails in this torch); use strategy: sequential or auto, "
+            "or precision fp32")
+    return "sequential"
+
+
+
 def train_federated(
     cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     folder: RunFolder | None = None, runtime: Runtime = CPU_FP32,
@@ -160,6 +176,7 @@ def train_federated(
     the final global model."""
     f = prepare(cfg, runtime=runtime)
     fed: FederationConfig = f.fed
+    strategy = workers_strategy(fed.strategy, runtime)  # refuse before any file is written
     folder = folder or RunFolder.open(cfg, resume=resume)
     folder.write_json("runtime.json", runtime.describe())
     if not resume:
@@ -173,7 +190,8 @@ def train_federated(
     transport = InProcessTransport(
         masks_for=lambda q, theta: f.masks(theta, q, everyone),
         batches_for=lambda q: f.batches(q, everyone),
-        loss_fn=f.loss_fn, opt=f.optimizer(), steps=f.steps, strategy=fed.strategy,
+        loss_fn=f.loss_fn, opt=f.optimizer(), steps=f.steps,
+        strategy=strategy,
         keep_state=keep, opt_state=opt_state,
         samples_per_round=fed.workers * f.steps * fed.batch_size,
         keep_inputs=cfg.theory.estimate,
