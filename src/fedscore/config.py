@@ -160,6 +160,13 @@ class RunConfig(Strict):
     federation: Literal["none"] | FederationConfig = "none"
     """"none" for centralised training; the federated engine's settings otherwise."""
     theory: TheoryConfig = Field(default_factory=TheoryConfig)
+    device: str = "auto"
+    """Where the job runs: "auto" (CUDA when present, else the CPU), "cpu", "cuda",
+    "cuda:N" or "mps" (`fedscore.runtime.resolve`)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """The network's compute precision (autocast): "auto" is bf16 where the device has bf16
+    arithmetic, else fp32. Master weights, optimiser state, eq. 8 and metrics stay fp32.
+    fp32 by default: the exactness checks (GMM ground truth) are fp32 runs."""
 
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name

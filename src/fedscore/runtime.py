@@ -46,9 +46,15 @@ CPU_FP32 = Runtime()
 """The default: what every job ran on before devices and precisions were chosen."""
 
 
-def resolve(device: str | torch.device = "cpu", precision: str = "fp32") -> Runtime:
-    """A Runtime for a device name ("cpu", "cuda", "cuda:N", "mps"); a device this machine
-    lacks is a FedscoreError naming the ones it has."""
+def resolve(device: str | torch.device = "auto", precision: str = "auto") -> Runtime:
+    """A Runtime for a device name ("auto", "cpu", "cuda", "cuda:N", "mps") and a precision
+    ("auto", "fp32", "bf16", "fp16"); a device this machine lacks is a FedscoreError naming
+    the ones it has.
+
+    "auto" device: CUDA when present, else the CPU. "auto" precision: bf16 where the device
+    has bf16 arithmetic (`bf16_supported`), else fp32."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -58,7 +64,21 @@ def resolve(device: str | torch.device = "cpu", precision: str = "fp32") -> Runt
     if name not in have and dev.type not in have:
         raise FedscoreError(f"device {str(device)!r} is not available here; this machine has: "
                             f"{', '.join(have)}")
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(dev) else "fp32"
     return Runtime(dev, precision)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively, where autocast to bf16 pays: CUDA from
+    compute capability 8.0 (Ampere), a CPU with avx512_bf16 or AMX (oneDNN's own check).
+    Elsewhere bf16 is emulated: on an AVX2-only CPU a tiny U-Net's training step measured
+    10x slower in bf16 than in fp32 (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def available_devices() -> list[str]:
