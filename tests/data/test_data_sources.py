@@ -92,8 +92,26 @@ def test_unknown_names_splits_and_presets_are_clear_errors():
         data.load("gmm:nope")
     with pytest.raises(FedscoreError, match="needs a preset"):
         data.load("gmm")
-    with pytest.raises(FedscoreError, match="no variants"):
+    with pytest.raises(FedscoreError, match=r"variant is a resolution HxW.*'digits:14x14'"):
         data.load("digits:big")
+
+
+def test_an_image_dataset_reads_at_a_lower_resolution_as_exact_block_means():
+    full, y_full = data.load("mnist5k", "train")
+    half, y_half = data.load("mnist5k:14x14", "train")
+    assert half.shape == (len(full), 1, 14, 14) and torch.equal(y_half, y_full)
+    # pixel (i, j) is the mean of the 2x2 block (2i..2i+1, 2j..2j+1): an exact average
+    block = full[:, :, 2 * 3:2 * 3 + 2, 2 * 5:2 * 5 + 2].mean(dim=(2, 3))
+    torch.testing.assert_close(half[:, :, 3, 5], block)
+    assert float(half.min()) >= -1.0 and float(half.max()) <= 1.0
+    info = data.info("mnist5k:14x14")
+    assert info.shape == (1, 14, 14) and info.n == data.info("mnist5k").n
+    assert data.family("mnist5k:14x14") == "mnist5k"
+    assert data.info("cifar10:16x16").shape == (3, 16, 16)  # described without its files
+    with pytest.raises(FedscoreError, match=r"10x10 must divide the images' 28x28.*14x14"):
+        data.load("mnist5k:10x10")
+    with pytest.raises(FedscoreError, match=r"must divide the images' 32x32"):
+        data.info("cifar10:10x10")
 
 
 def test_local_datasets_are_described_without_their_files():

@@ -105,3 +105,16 @@ def test_lower_layers_never_import_the_application_layer(layer):
     offenders = [f"{p.name}: fedscore.{m}" for p in sorted(root.glob("*.py"))
                  for m in IMPORT.findall(p.read_text())]
     assert offenders == []
+
+
+def test_downsample_reads_the_dataset_at_a_fraction_of_its_resolution():
+    preset = load_preset("pruning", overrides={"downsample": 2})
+    assert preset.dataset == "mnist5k:14x14"
+    assert preset.cell_config("T-M", "runs").data.name == "mnist5k:14x14"
+    # a dataset named with its resolution, and images already under 16x16, stay as named
+    assert load_preset("pruning", dataset="mnist5k:7x7",
+                       overrides={"downsample": 2}).dataset == "mnist5k:7x7"
+    assert load_preset("pruning", dataset="digits", overrides={"downsample": 2},
+                       budget="quick").dataset == "digits"
+    with pytest.raises(FedscoreError, match="downsample: 2 is for image datasets"):
+        load_preset("pruning", dataset="gmm:ring8", overrides={"downsample": 2})

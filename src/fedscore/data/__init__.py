@@ -2,13 +2,14 @@
 
 from fedscore.data.partition import SCHEMES, class_histogram, partition
 from fedscore.data.plots import plot_partition
-from fedscore.data.sources import DATASETS, DatasetInfo, info, load
+from fedscore.data.sources import DATASETS, DatasetInfo, family, info, load
 
 __all__ = [
     "DATASETS",
     "SCHEMES",
     "DatasetInfo",
     "class_histogram",
+    "family",
     "info",
     "load",
     "partition",

@@ -11,6 +11,11 @@ Splits are fixed and documented so that every run sees the same test set:
 - `gmm:<preset>`: GMM_SIZES draws per split from a generator seeded with
   SPLIT_SEED + 2 seed + (0 for train, 1 for test): independent splits, fixed for each `seed`.
 `split="all"` is train followed by test.
+
+Any image dataset can be read at a lower resolution by naming it "family:HxW" (e.g.
+"mnist5k:14x14"): every image is averaged over (H0/H) x (W0/W) blocks, which must be whole
+numbers. The name is the dataset's everywhere (its model shape, its feature classifier, its
+FID reference), so a run at 14x14 is measured against real digits at 14x14.
 """
 
 from __future__ import annotations
@@ -300,11 +305,39 @@ _NO_VARIANT = {"digits", "mnist5k", *LOCAL}
 def _resolve(name: str) -> tuple[Loader, str | None]:
     family, _, variant = name.partition(":")
     if family not in DATASETS:
-        names = [n for n in DATASETS if n != "gmm"] + ["gmm:<preset>"]
+        names = [n for n in DATASETS if n != "gmm"] + ["gmm:<preset>", "<image dataset>:HxW"]
         raise unknown("dataset", name, names)
     if variant and family in _NO_VARIANT:
-        raise FedscoreError(f"dataset {family!r} has no variants; write {family!r}, not {name!r}")
+        _resolution(name)  # images: the only variant is a resolution
+        return DATASETS[family], None
     return DATASETS[family], (variant or None)
+
+
+def family(name: str) -> str:
+    """The dataset a name reads: "mnist5k" for "mnist5k" and "mnist5k:14x14"."""
+    return name.partition(":")[0]
+
+
+def _resolution(name: str) -> tuple[int, int] | None:
+    """(H, W) of an image dataset named "family:HxW", None for the full resolution."""
+    fam, _, variant = name.partition(":")
+    if not variant or fam not in _NO_VARIANT:
+        return None
+    h, sep, w = variant.partition("x")
+    if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+        raise FedscoreError(f"an image dataset's variant is a resolution HxW (e.g. "
+                            f"{fam + ':14x14'!r}), got {name!r}")
+    return int(h), int(w)
+
+
+def _downsample(x: Tensor, size: tuple[int, int], name: str) -> Tensor:
+    """Block means of (H0/H) x (W0/W) pixels: exact, deterministic, no interpolation."""
+    h0, w0 = x.shape[-2:]
+    h, w = size
+    if h0 % h or w0 % w:
+        raise FedscoreError(f"{name!r}: {h}x{w} must divide the images' {h0}x{w0} (block "
+                            f"averaging by whole factors); try {h0 // 2}x{w0 // 2}")
+    return torch.nn.functional.avg_pool2d(x, (h0 // h, w0 // w)).contiguous()
 
 
 def load(
@@ -325,7 +358,9 @@ def load(
     if split not in SPLITS:
         raise unknown("split", split, SPLITS)
     loader, variant = _resolve(name)
-    return loader(split, variant=variant, data_root=data_root, download=download, seed=seed)
+    x, y = loader(split, variant=variant, data_root=data_root, download=download, seed=seed)
+    size = _resolution(name)
+    return (x, y) if size is None else (_downsample(x, size, name), y)
 
 
 def info(name: str) -> DatasetInfo:
@@ -335,9 +370,13 @@ def info(name: str) -> DatasetInfo:
     (bundled arrays are cached in-process)."""
     loader, variant = _resolve(name)
     description = (loader.__doc__ or name).strip().splitlines()[0]
-    if name in LOCAL:
-        spec = LOCAL[name]
-        return DatasetInfo(name, spec.shape, 10, dict(spec.n), description)
+    if family(name) in LOCAL:
+        spec = LOCAL[family(name)]
+        size = _resolution(name)
+        shape = spec.shape if size is None else (spec.shape[0], *size)
+        if size is not None and (spec.shape[1] % size[0] or spec.shape[2] % size[1]):
+            _downsample(torch.zeros(1, *spec.shape), size, name)  # its clear error
+        return DatasetInfo(name, shape, 10, dict(spec.n), description)
     x, y = load(name, "all")
     n_train = len(load(name, "train")[1])
     if variant:

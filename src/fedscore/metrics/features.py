@@ -317,7 +317,7 @@ def get_extractor(
             f"metrics (fedscore.metrics.toy) for Gaussian mixtures"
         )
     info = data.info(dataset)  # validates the name
-    base = RECIPES.get(dataset)
+    base = RECIPES.get(data.family(dataset))  # "mnist5k:14x14" trains mnist5k's recipe
     if base is None:
         raise FedscoreError(f"no feature-classifier recipe for dataset {dataset!r}")
     unknown_keys = set(recipe or {}) - set(base)
@@ -327,7 +327,7 @@ def get_extractor(
         )
     rec = {**base, **(recipe or {})}
     _check_recipe(rec)
-    floor = ACCURACY_FLOORS[dataset] if floor is None else float(floor)
+    floor = ACCURACY_FLOORS[data.family(dataset)] if floor is None else float(floor)
 
     images, labels = data.load(dataset, split=TRAIN_SPLIT, data_root=data_root)
     data_hash = _sha256_tensors(images, labels)
