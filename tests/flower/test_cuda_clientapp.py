@@ -5,11 +5,13 @@ float tolerance, Adam's moments kept in the node's context come back onto the GP
 import numpy as np
 import pytest
 import torch
-from clientapp_harness import client_round
-from flwr.app import RecordDict
 
-from fedscore.config import load_config
-from fedscore.federated.setup import model_setup
+pytest.importorskip("flwr")  # the GPU image may lack Flower (benchmarks/gpu_check.sh)
+from clientapp_harness import client_round  # noqa: E402
+from flwr.app import RecordDict  # noqa: E402
+
+from fedscore.config import load_config  # noqa: E402
+from fedscore.federated.setup import model_setup  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
