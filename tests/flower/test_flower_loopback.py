@@ -14,15 +14,15 @@ from safetensors.torch import load_file
 
 from fedscore.config import load_config
 from fedscore.flower.launch import LocalFlowerCluster
-from fedscore.flower.run import server_settings
+from fedscore.flower.run import run_flower, server_settings
 from fedscore.runs.checkpoint import load_checkpoint
 from fedscore.runs.federated import train_federated
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def fed_config(tmp_path, name, policy, workers=2, rounds=2, **extra):
-    fields = {
+def fed_config(tmp_path, name, policy, workers=2, rounds=2, top=None, **extra):
+    fields = {**(top or {}),
         "name": name, "out_dir": str(tmp_path / "inprocess"), "seed": 3,
         "data": {"name": "gmm:ring8"},
         "model": {"kind": "mlp", "options": {"hidden": 32, "depth": 2}},
@@ -106,6 +106,37 @@ def test_flower_simulation_runtime_matches_the_in_process_engine(tmp_path):
     with LocalFlowerCluster(tmp_path / "home", simulation=True, sim_nodes=3) as fed:
         fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=600)
     assert_same_run(out, cfg)
+
+
+def test_simulation_with_explicit_client_resources(tmp_path):
+    """`fedscore flower run --deployment simulation --client-cpus 1 --client-gpus 0`: Flower's
+    backend client resources set explicitly (num-gpus 0: the virtual nodes see no GPU, so
+    device "auto" trains them on the CPU, as the in-process reference does)."""
+    pytest.importorskip("ray")
+    cfg = fed_config(tmp_path, "sim-res", "random", workers=2, rounds=1)
+    out = run_flower(cfg, tmp_path / "flower-sim-res", deployment="simulation", client_cpus=1,
+                     client_gpus=0.0, round_timeout=300, stream=False)
+    assert_same_run(out, cfg)
+    assert records(out)[0]["worker_devices"] == ["cpu/fp32"] * 2
+    run_log = (out / "flower-home" / "logs" / "run.log").read_text()
+    assert "ActorPool is empty" not in run_log
+
+
+def test_a_supernode_on_a_missing_device_is_dropped_with_a_clear_error(tmp_path):
+    """SuperNode 1's node config names a device its machine lacks: its log says so in one
+    line, the server drops its reply (the reason names the device), the run goes on."""
+    cfg = fed_config(tmp_path, "bad-device", "topk", rounds=1)
+    out = tmp_path / "flower-bad-device"
+    with LocalFlowerCluster(tmp_path / "home", nodes=2, devices={0: "cpu", 1: "cuda:7"}) as fed:
+        fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=600)
+        node_log = fed.log("supernode1").read_text()
+    assert "partition-id=1: cannot train on the node config's device 'cuda:7'" in node_log
+    (r,) = records(out)
+    assert r["replies"] == 1 and r["degraded"] and r["workers"] == [0]
+    assert r["missing_workers"] == [1]
+    (reason,) = r["failed"].values()
+    assert "cuda:7" in reason and "not available here" in reason
+    assert r["worker_devices"] == ["cpu/fp32"]
 
 
 def test_a_killed_supernode_is_dropped_and_the_run_continues(tmp_path):

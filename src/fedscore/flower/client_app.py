@@ -17,6 +17,14 @@ benchmarks/flower_overhead.py.
 A hospital's SuperNode can instead train on its own folder: node config `data-root=/its/data`
 loads the run's dataset from there and uses all of it, no partitioning.
 
+Device: each SuperNode trains where its own node config says (`device='cuda:1'`), else where
+the run config's `device` says ("auto": CUDA when the node has it, else its CPU), in the run
+config's `precision` (`runtime.resolve`, `node_runtime`). A device the node lacks is one
+FedscoreError naming the node and the devices it has: Flower logs it in that node's log and
+sends it to the server as the reply's error, and the server drops the reply as it does any
+failed one. Whatever the device, the reply is CPU float32 arrays (the kept values of the
+float32 master weights; `payload.encode`).
+
 Flower starts a fresh ClientApp process per message, so anything a worker keeps between
 rounds (Adam's moments when `federation.adam_state: keep`) lives in `context.state`.
 """
@@ -32,7 +40,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedscore import data as datasets
-from fedscore.config import config_from_text
+from fedscore import runtime as runtimes
+from fedscore.config import RunConfig, config_from_text
+from fedscore.errors import FedscoreError
 from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
 from fedscore.flower import payload
@@ -64,6 +74,20 @@ def _own_data(cfg, node_config: dict):
     return datasets.load(cfg.data.name, split="train", data_root=str(root))
 
 
+def node_runtime(cfg: RunConfig, node_config: dict) -> runtimes.Runtime:
+    """Where this SuperNode trains: its node config's `device` if it names one, else the run
+    config's `device`, in the run config's `precision`. A device this node lacks is a
+    FedscoreError that names the node, the setting it came from and the devices it has."""
+    device = node_config.get("device") or cfg.device
+    source = "node config" if node_config.get("device") else "run config"
+    try:
+        return runtimes.resolve(str(device), cfg.precision)
+    except FedscoreError as err:
+        who = node_config.get("partition-id", "?")
+        raise FedscoreError(f"SuperNode partition-id={who}: cannot train on the {source}'s "
+                            f"device {str(device)!r}: {err}") from None
+
+
 _PREPARED: dict[tuple, FederationSetup] = {}
 
 
@@ -76,7 +100,8 @@ def prepared(config_text: str, node_config: dict) -> FederationSetup:
         if any(k[0] != config_text for k in _PREPARED):  # a new run: forget the old one
             _PREPARED.clear()
         cfg = config_from_text(config_text)
-        _PREPARED[key] = prepare(cfg, own_data=_own_data(cfg, node_config))
+        rt = node_runtime(cfg, node_config)  # before any data is loaded
+        _PREPARED[key] = prepare(cfg, own_data=_own_data(cfg, node_config), runtime=rt)
     return _PREPARED[key]
 
 
@@ -116,7 +141,7 @@ def train(msg: Message, context: Context) -> Message:
 
     seeded = cfg.federation.policy == "random"  # the server regenerates random masks
     arrays, kinds = payload.encode(theta, mask, seeded=seeded)
-    kept = sum(int(m.sum()) for m in mask.values())
+    kept = sum(int(m.sum()) for m in mask.values())  # payload arrays are CPU float32 already
     content = RecordDict({
         "payload": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
         "meta": ConfigRecord({"partition-id": pid, "round": q, "kinds": json.dumps(kinds)}),
@@ -125,6 +150,7 @@ def train(msg: Message, context: Context) -> Message:
             "payload-bytes": payload.nbytes(arrays), "train-seconds": seconds,
             "process-age-seconds": startup, "prepare-seconds": prep_seconds,
         }),
+        "runtime": ConfigRecord(f.runtime.describe()),
     })
     return Message(content=content, reply_to=msg)
 
@@ -139,7 +165,8 @@ def _store_state(store: RecordDict, state: dict, like: dict[str, torch.Tensor]) 
 
 
 def _load_state(store: RecordDict, like: dict[str, torch.Tensor]) -> dict:
-    named = {"step": torch.tensor(int(store["adam-step"]["step"]))}
+    device = next(iter(like.values())).device
+    named = {"step": torch.tensor(int(store["adam-step"]["step"]), device=device)}
     for key in ("m", "v"):
         named |= {f"{key}/{k}": v for k, v in from_flat_record(store[f"adam-{key}"], like).items()}
     return state_from_tensors(named, like)

@@ -14,6 +14,12 @@ Settings that matter on a small CPU (measured on this project's 2-core machine):
     threads as cores made a 0.45 s local step take 13.8 s;
   - every SuperNode gets its own `--port` (its runtime API), all on 127.0.0.1;
   - telemetry and update checks are off (no network).
+
+Devices: a deployment SuperNode trains where its node config's `device` says (`devices`, one
+per node, e.g. {0: "cuda:0", 1: "cuda:1"}; else the run config's `device`). The simulation
+runtime's virtual SuperNodes are Ray actors: `client_cpus` / `client_gpus` are Flower's
+backend client resources (`client-resources` num-cpus / num-gpus), what Ray reserves for
+each running ClientApp; num-gpus 0.25 lets four virtual nodes share one GPU at a time.
 """
 
 from __future__ import annotations
@@ -140,7 +146,10 @@ class LocalFlowerCluster:
     nodes: SuperNodes to start (deployment); 0 with simulation=True uses Flower's simulation
     runtime with `sim_nodes` virtual SuperNodes. tls: serve the SuperLink over TLS with a
     fresh test CA; auth: SuperNode authentication, each node's key registered with
-    `flwr supernode register` before it starts."""
+    `flwr supernode register` before it starts. devices: node n -> the device its worker
+    trains on (node config `device`; deployment only). client_cpus, client_gpus: each
+    virtual node's resources in the simulation runtime (None: Flower's defaults, 2 CPUs and
+    no GPU); see `simulation_config`."""
 
     home: Path
     nodes: int = 2
@@ -149,6 +158,9 @@ class LocalFlowerCluster:
     tls: bool = False
     auth: bool = False
     node_config: dict[int, dict] = field(default_factory=dict)  # extra per node
+    devices: dict[int, str] = field(default_factory=dict)  # node -> node config `device`
+    client_cpus: int | None = None
+    client_gpus: float | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
     certs: TLSFiles | None = None
@@ -157,6 +169,16 @@ class LocalFlowerCluster:
         self.home = Path(self.home).resolve()
         if self.auth and not self.tls:
             raise FedscoreError("SuperNode authentication needs TLS (tls=True)")
+        if self.simulation and self.devices:
+            raise FedscoreError(
+                "per-node devices are for deployment SuperNodes; the simulation runtime's "
+                "virtual nodes train on the run config's `device`, sharing GPUs by "
+                "client_gpus")
+        if not self.simulation and (self.client_cpus is not None
+                                    or self.client_gpus is not None):
+            raise FedscoreError("client resources (num-cpus, num-gpus) are the simulation "
+                                "runtime's; a deployment SuperNode uses its whole machine")
+        self.simulation_config()  # checks the resources before anything starts
 
     # -- environment -------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -172,6 +194,10 @@ class LocalFlowerCluster:
             # the SuperLink and SuperNodes start Flower's other executables by name
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         })
+        if self.simulation and self.client_gpus is not None and float(self.client_gpus) == 0:
+            # num-gpus 0 asked for: Ray hides the GPUs from the virtual nodes (they train on
+            # the CPU); otherwise it leaves them visible to actors that reserved none
+            env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
         return env
 
     @property
@@ -241,6 +267,8 @@ class LocalFlowerCluster:
     def node_args(self, n: int, key: Path | None = None) -> list[str]:
         """The flower-supernode command of worker n (public so tests can start rogues)."""
         cfg = {"partition-id": n, "num-partitions": self.nodes} | self.node_config.get(n, {})
+        if n in self.devices:
+            cfg["device"] = str(self.devices[n])
         conf = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
         cmd = [_bin("flower-supernode"), "--superlink", self.address,
                "--port", str(free_port()), "--node-config", conf]
@@ -290,6 +318,27 @@ class LocalFlowerCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
 
+    def simulation_config(self) -> dict[str, int | float]:
+        """`flwr run --federation-config` of the simulation runtime (flwr 1.42: the fields
+        of its SimulationConfig, dashed): the number of virtual SuperNodes and, when given,
+        each one's client resources. Ray runs at most min(CPUs / num-cpus, GPUs / num-gpus)
+        virtual nodes at once; a fractional num-gpus packs several on one GPU (Ray only
+        accounts for it: the ClientApps must fit in the GPU's memory together)."""
+        conf: dict[str, int | float] = {"num-supernodes": int(self.sim_nodes)}
+        if self.client_cpus is not None:
+            if int(self.client_cpus) != self.client_cpus or self.client_cpus < 1:
+                raise FedscoreError(f"client CPUs must be a whole number >= 1 (Flower's "
+                                    f"num-cpus), got {self.client_cpus}")
+            conf["client-resources-num-cpus"] = int(self.client_cpus)
+        if self.client_gpus is not None:
+            gpus = float(self.client_gpus)
+            if not gpus >= 0 or (gpus > 1 and not gpus.is_integer()):
+                raise FedscoreError(f"client GPUs must be a fraction of one GPU per virtual "
+                                    f"node (0 to 1, e.g. 0.25) or a whole number of GPUs, "
+                                    f"got {self.client_gpus}")
+            conf["client-resources-num-gpus"] = gpus
+        return conf
+
     # -- running the app ---------------------------------------------------------------
     def run_app(self, settings: dict, *, timeout: float | None = None,
                 stream: bool = False) -> subprocess.CompletedProcess:
@@ -300,7 +349,8 @@ class LocalFlowerCluster:
         cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(overrides),
                "--stream"]
         if self.simulation:
-            cmd += ["--federation-config", f"num-supernodes={self.sim_nodes}"]
+            conf = " ".join(f"{k}={v}" for k, v in self.simulation_config().items())
+            cmd += ["--federation-config", conf]
         self.log("run").parent.mkdir(parents=True, exist_ok=True)
         with open(self.log("run"), "ab") as out:
             proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE,

@@ -39,7 +39,8 @@ def encode(
     kinds: dict[str, str] = {}
     for name in _order(params):
         m = masks[name].reshape(-1)
-        values.append(params[name].detach().reshape(-1)[m].cpu())
+        # on the wire: CPU float32 whatever device or precision the worker trained in
+        values.append(params[name].detach().reshape(-1)[m].to("cpu", torch.float32))
         if bool(m.all()):
             kinds[name] = FULL
         elif seeded:

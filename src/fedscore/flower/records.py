@@ -21,8 +21,8 @@ def flat_record(tensors: dict[str, Tensor]) -> ArrayRecord:
 
 
 def from_flat_record(record: ArrayRecord, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `flat_record`, shaped and typed like `like` (a mismatch means server
-    and worker built different models)."""
+    """The inverse of `flat_record`, shaped, typed and placed (device) like `like` (a
+    mismatch means server and worker built different models)."""
     flat = torch.from_numpy(np.array(record["flat"].numpy()))
     names = sorted(like)
     sizes = [like[k].numel() for k in names]
@@ -31,4 +31,5 @@ def from_flat_record(record: ArrayRecord, like: dict[str, Tensor]) -> dict[str, 
                          f"has {sum(sizes)}: check that server and SuperNodes run the same "
                          "fedscore version and config")
     parts = dict(zip(names, flat.split(sizes)))
-    return {k: parts[k].reshape(like[k].shape).to(like[k].dtype).clone() for k in like}
+    return {k: parts[k].reshape(like[k].shape).to(like[k].device, like[k].dtype, copy=True)
+            for k in like}

@@ -5,11 +5,19 @@ deployment "loopback": a SuperLink and N SuperNodes as real processes on 127.0.0
 --simulation and N virtual SuperNodes; needs Flower's simulation extra, i.e. Ray). Either way
 the run folder is the in-process engine's (config.yaml, metrics.jsonl, checkpoint, model),
 plus Flower's home (logs, certificates, connection config) under `<out>/flower-home`.
+
+Devices: the workers train on the config's `device` / `precision`; on loopback `node_devices`
+puts SuperNode n on its own device (node config `device`, e.g. one GPU per node); in the
+simulation runtime `client_cpus` / `client_gpus` are each virtual node's Ray resources
+(client_gpus 0.25: four virtual nodes share one GPU). The ServerApp stays on the CPU: it only
+adds sparse replies into eq. 8's sums, a few vector operations per round.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from fedscore.config import FederationConfig, RunConfig, dump_config
 from fedscore.errors import FedscoreError
@@ -31,8 +39,15 @@ def server_settings(cfg: RunConfig, out: Path, *, resume: bool = False,
 def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
                nodes: int | None = None, tls: bool = False, auth: bool = False,
                resume: bool = False, round_timeout: float = 600.0, start_wait: float = 120.0,
-               node_wait: float = 10.0, min_replies: int = 1, stream: bool = True) -> Path:
-    """Run cfg's federation on Flower; returns the run folder."""
+               node_wait: float = 10.0, min_replies: int = 1, stream: bool = True,
+               node_devices: dict[int, str] | None = None, client_cpus: int | None = None,
+               client_gpus: float | None = None) -> Path:
+    """Run cfg's federation on Flower; returns the run folder.
+
+    node_devices: loopback only, SuperNode n -> its device ("cuda:1"; others: the config's
+    `device`). client_cpus, client_gpus: simulation only, each virtual node's Flower client
+    resources (num-cpus, a whole number; num-gpus, a fraction of a GPU); None: Flower's
+    defaults (2 CPUs, no GPU)."""
     if not isinstance(cfg.federation, FederationConfig):
         raise FedscoreError("this config has `federation: none`; Flower runs need a "
                             "`federation:` section")
@@ -43,7 +58,20 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     if nodes != workers:
         raise FedscoreError(f"--nodes {nodes} but the config has federation.workers = "
                             f"{workers}: one SuperNode per worker")
-    if deployment == "simulation":
+    simulation = deployment == "simulation"
+    if node_devices and simulation:
+        raise FedscoreError("per-node devices (--node-device) are for --deployment loopback; "
+                            "the simulation runtime's virtual nodes share the config's "
+                            "`device` (use --client-gpus to share a GPU)")
+    if (client_cpus is not None or client_gpus is not None) and not simulation:
+        raise FedscoreError("--client-cpus / --client-gpus are the simulation runtime's "
+                            "resources; use them with --deployment simulation")
+    if bad := sorted(n for n in node_devices or {} if not 0 <= n < nodes):
+        raise FedscoreError(f"--node-device names node(s) {bad}, but the nodes are 0..{nodes - 1}")
+    if client_gpus and not torch.cuda.is_available():
+        raise FedscoreError(f"client GPUs {client_gpus} asked for, but this machine has no "
+                            "CUDA device (Ray would start no virtual node); use --client-gpus 0")
+    if simulation:
         _check_simulation_extra()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -51,8 +79,9 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     settings = server_settings(cfg, out, resume=resume, round_timeout=round_timeout,
                                start_wait=start_wait, node_wait=node_wait,
                                min_replies=min_replies)
-    with LocalFlowerCluster(home, nodes=nodes, simulation=deployment == "simulation",
-                            sim_nodes=nodes, tls=tls, auth=auth) as fed:
+    with LocalFlowerCluster(home, nodes=nodes, simulation=simulation, sim_nodes=nodes,
+                            tls=tls, auth=auth, devices=dict(node_devices or {}),
+                            client_cpus=client_cpus, client_gpus=client_gpus) as fed:
         done = fed.run_app(settings, stream=stream)
     if not (out / "flower.json").is_file():
         raise FedscoreError(

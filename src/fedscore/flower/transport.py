@@ -114,7 +114,7 @@ class FlowerTransport:
 
         sums = {k: torch.zeros_like(v) for k, v in params.items()}
         counts = {k: torch.zeros(v.shape, dtype=torch.long) for k, v in params.items()}
-        masks, arrived, losses, up, train_s, start_s = [], [], [], [], [], []
+        masks, arrived, losses, up, train_s, start_s, devices = [], [], [], [], [], [], []
         for node, reply in sorted(replies.items()):
             try:
                 pid, arrays, kinds, loss, seconds = self._read(reply, q, params, arrived)
@@ -131,6 +131,7 @@ class FlowerTransport:
             train_s.append(seconds)
             start_s.append(start)
             up.append(payload.nbytes(arrays))
+            devices.append(_runtime_of(reply))
 
         dense = sum(v.numel() * v.element_size() for v in params.values())
         record = {
@@ -139,7 +140,7 @@ class FlowerTransport:
             "failed": {str(k): v for k, v in failures.items()},
             "degraded": len(arrived) < len(nodes) or len(nodes) < fed.workers,
             "seconds_replies": t_replies, "worker_train_seconds": train_s,
-            "worker_startup_seconds": start_s,
+            "worker_startup_seconds": start_s, "worker_devices": devices,
             "overhead_seconds": t_replies - max(train_s, default=0.0),
             "bytes_up": up, "bytes_up_total": sum(up), "bytes_down_total": dense * len(nodes),
             "bytes_dense_fedavg_up_total": dense * len(arrived),
@@ -168,3 +169,11 @@ class FlowerTransport:
         if not np.isfinite(loss):
             raise FedscoreError(f"non-finite loss {loss}")
         return pid, arrays, kinds, loss, float(metrics.get("train-seconds", float("nan")))
+
+
+def _runtime_of(reply: Message) -> str:
+    """"device/precision" a worker trained on, as its reply says ("" from older workers)."""
+    if "runtime" not in reply.content:
+        return ""
+    rt = reply.content["runtime"]
+    return f"{rt.get('device', '?')}/{rt.get('precision', '?')}"
