@@ -45,6 +45,7 @@ import torch
 
 from fedscore import federated
 from fedscore.config import load_config
+from fedscore.federated.engine import DEFAULT_CHUNK
 from fedscore.federated.setup import FederationSetup, local_steps, make_loss, model_setup
 from fedscore.runtime import Runtime
 
@@ -121,7 +122,10 @@ def measure(mode: str, workers: int, train_workers: int, steps: int, device: str
     else:
         batches = f.batches(0, train)
         one = f.batches(0, [0])[0, 0]
-        held = nbytes(one) * (train_workers if strategy in ("vmap", "chunked") else 1)
+        resolved = (federated.choose_strategy(f.init_params) if strategy == "auto"
+                    else strategy)
+        per_step = {"vmap": train_workers, "chunked": min(DEFAULT_CHUNK, train_workers)}
+        held = nbytes(one) * per_step.get(resolved, 1)  # one step of one call's workers
     t_draw = time.perf_counter() - t0
     _, _, _, _, losses = federated.run_round(f.init_params, masks, batches, f.loss_fn, opt,
                                              steps=steps, strategy=strategy)
