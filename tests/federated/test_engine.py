@@ -295,7 +295,7 @@ def test_bad_round_arguments_are_refused():
         run_round(params, masks, _batches(0, 2), loss_fn, sgd, strategy="threads")
     with pytest.raises(FedscoreError, match="3 workers on its leading axis but masks have 2"):
         run_round(params, masks, _batches(0, 3), loss_fn, sgd)
-    with pytest.raises(FedscoreError, match="between 1 and the 3 pre-drawn batches"):
+    with pytest.raises(FedscoreError, match="between 1 and the 3 batches"):
         run_round(params, masks, _batches(0, 2), loss_fn, sgd, steps=4)
     _, _, _, state, _ = run_round(params, masks, _batches(0, 2), loss_fn, adam)
     with pytest.raises(FedscoreError, match="saved by another optimiser"):

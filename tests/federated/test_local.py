@@ -133,7 +133,7 @@ def test_bad_arguments_are_refused():
     mask = make_mask(params, "full", 1.0)
     with pytest.raises(FedscoreError, match="unknown optimizer 'rmsprop'"):
         make_optimizer("rmsprop", lr=0.1)
-    with pytest.raises(FedscoreError, match="between 1 and the 4 pre-drawn batches"):
+    with pytest.raises(FedscoreError, match="between 1 and the 4 batches"):
         local_update(params, mask, batches, loss_fn, make_optimizer("sgd", lr=0.1), steps=5)
     with pytest.raises(FedscoreError, match="state_from_tensors"):  # a state keyed by name
         local_update(params, mask, batches, loss_fn, Adam(lr=0.1),

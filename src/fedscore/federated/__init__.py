@@ -3,6 +3,7 @@
 masks -> local update (eq. 7, an `Optimizer`'s steps) -> aggregate (eq. 8), each a pure
 function on param dicts; `run_round` runs one round for N workers stacked on a leading axis,
 `round_sums` stops at eq. 8's (sums, counts) for a round loop that finishes it itself.
+`RoundBatches` draws a round's mini-batches and noise one local step at a time.
 """
 
 from fedscore.federated.aggregate import (
@@ -13,6 +14,7 @@ from fedscore.federated.aggregate import (
     merge_sums,
     round_stats,
 )
+from fedscore.federated.batches import RoundBatches
 from fedscore.federated.engine import (
     STRATEGIES,
     choose_strategy,
@@ -42,6 +44,7 @@ __all__ = [
     "UNCOVERED",
     "Adam",
     "Optimizer",
+    "RoundBatches",
     "aggregate",
     "build_masks",
     "choose_strategy",

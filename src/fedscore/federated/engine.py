@@ -1,7 +1,10 @@
 """One federated round for all N workers in one process (SPEC §2: eq. 7 then eq. 8).
 
 Worker models live stacked on a leading axis, as one (N, D) matrix of flat parameter
-vectors; no worker ever gets a copy of an nn.Module. The round splits in three:
+vectors; no worker ever gets a copy of an nn.Module. Each local step takes its mini-batches
+when it runs: from a pre-drawn pytree (N, S, ...), or drawn then from a
+`batches.RoundBatches` (one step of a chunk of workers, or of one worker, at a time).
+The round splits in three:
 
   train_workers  eq. 7 for every worker: S steps of the optimiser spec `opt` (`optim.SGD`,
                  `optim.Adam`, whose `update` is the one implementation of the step);
@@ -145,7 +148,9 @@ def run_round(
 
     global_params: theta_q, name -> shape; masks: name -> bool (N, *shape) (`build_masks`);
     worker_batches: pytree of tensors (N, S', ...) with S' >= S pre-drawn batches per worker
-    (data and noise); opt: the local optimiser (`make_optimizer`); steps: S (default S');
+    (data and noise), or a `batches.RoundBatches` (sizes (N, S')) that draws each step's
+    batches when that step runs, so a round never holds more than one step of them;
+    opt: the local optimiser (`make_optimizer`); steps: S (default S');
     state: the stacked flat optimiser state to continue ({"m", "v": (N, D), "step": (N,)}
     for Adam), or None for a fresh one (the caller resets it per round or keeps it);
     chunk_size: workers per vectorised call for "chunked" (default 4); uncovered: eq. 8's

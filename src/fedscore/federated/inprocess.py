@@ -4,7 +4,8 @@ vectorised engine, which returns eq. 8's sums and counts over all of them
 
 Masks and batches come from two callables (`masks_for(q, params)`, `batches_for(q)`) so the
 transport knows nothing of data, seeds or configs; the caller (`federated.setup`) draws them
-from per-(round, worker) seeds, as every SuperNode of a Flower run does for itself.
+from per-(round, worker) seeds (batches per local step, as a `batches.RoundBatches` the
+engine draws from step by step), as every SuperNode of a Flower run does for itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class InProcessTransport:
     """Eq. 7 for every worker in one process, then eq. 8's sums (`loop.Transport`).
 
     masks_for(q, theta_q) -> stacked masks name -> (N, *shape) bool; batches_for(q) -> the
-    round's batches (N, S, ...); opt: the workers' optimiser (eq. 7's SGD or masked Adam);
+    round's batches, sizes (N, S): a lazy `batches.RoundBatches` or a pre-drawn pytree
+    (N, S, ...) (`engine.run_round`); opt: the workers' optimiser (eq. 7's SGD or masked Adam);
     keep_state: carry the workers' optimiser state (Adam moments) from round to round instead
     of starting fresh each round; opt_state: the state to start from (a resumed run's).
     samples_per_round: for the throughput in the log."""
@@ -43,7 +45,8 @@ class InProcessTransport:
     keep_state: bool = False
     opt_state: Any = None
     samples_per_round: int = 0
-    keep_inputs: bool = False  # hand (masks, batches) to hooks (the theory estimator)
+    keep_inputs: bool = False  # hand (masks, batches) to hooks (the theory estimator): the
+    # batches as batches_for gave them, so a lazy source stays lazy (redrawn, not kept)
 
     def run_round(self, q: int, params: Params) -> RoundOutcome:
         t0 = time.perf_counter()

@@ -12,10 +12,12 @@ Inside, a model is one flat vector (`flat.FlatLayout`), and so is the optimiser'
 `local_update` takes and returns params as dicts name -> tensor and the state flat
 (`optim.state_to_tensors` names it for files).
 
-A loss is `loss_fn(params, batch) -> scalar` where batch already holds the data AND the
-pre-drawn noise (t, eps): randomness is drawn outside, per worker, with explicit generators,
-so vectorised and sequential paths see identical noise. `make_loss_fn` builds one from a
-model through torch.func.functional_call.
+A loss is `loss_fn(params, batch) -> scalar` where batch already holds the data AND its
+noise (t, eps): randomness is drawn outside, per worker and step, with explicit
+generators, so vectorised and sequential paths see identical noise. Batches come as a
+pytree of tensors pre-drawn (S, B, ...) (stacked (N, S, B, ...) in the engine), or as a
+`batches.RoundBatches` that draws each (worker, step) only when the step takes it.
+`make_loss_fn` builds a loss from a model through torch.func.functional_call.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fedscore.errors import FedscoreError
+from fedscore.federated.batches import LazyBatches
 from fedscore.federated.flat import FlatLayout
 from fedscore.federated.optim import Optimizer, State, check_state
 
 Params = dict[str, Tensor]
-Batch = Any  # a tensor, or a tuple / list / dict of tensors (nested), leading axes indexed
+Batch = Any  # a tensor, a tuple / list / dict of tensors (nested), or a LazyBatches
 LossFn = Callable[[Params, Batch], Tensor]
 
 
@@ -65,8 +68,9 @@ def autograd_grad(loss_flat: Callable, theta: Tensor, batch: Batch) -> tuple[Ten
 
 
 def index_batch(batch: Batch, index) -> Batch:
-    """batch[index] on every tensor of a (nested) tuple / list / dict of tensors."""
-    if isinstance(batch, Tensor):
+    """batch[index] on every tensor of a (nested) tuple / list / dict of tensors; a
+    `LazyBatches` draws what the index names (one step), nothing more."""
+    if isinstance(batch, Tensor | LazyBatches):
         return batch[index]
     if isinstance(batch, dict):
         return {k: index_batch(v, index) for k, v in batch.items()}
@@ -80,9 +84,11 @@ def index_batch(batch: Batch, index) -> Batch:
 
 
 def leading_size(batch: Batch, axis: int = 0) -> int:
-    """Size of axis `axis` shared by every tensor of a batch pytree."""
+    """Size of axis `axis` shared by every tensor of a batch pytree (or of a LazyBatches)."""
     if isinstance(batch, Tensor):
         return batch.shape[axis]
+    if isinstance(batch, LazyBatches):
+        return batch.leading_size(axis)
     leaves = batch.values() if isinstance(batch, dict) else batch
     sizes = {leading_size(v, axis) for v in leaves if v is not None}
     if len(sizes) != 1:
@@ -95,7 +101,7 @@ def check_steps(steps: int | None, available: int) -> int:
         return available
     if not 1 <= steps <= available:
         raise FedscoreError(
-            f"steps must be between 1 and the {available} pre-drawn batches, got {steps}"
+            f"steps must be between 1 and the {available} batches available, got {steps}"
         )
     return int(steps)
 
@@ -114,7 +120,8 @@ def local_update(
     (theta_{q,n,S}, state, losses).
 
     params: theta_q (name -> shape); mask: bool, same shapes; batches: a pytree whose tensors
-    have a leading axis of at least S pre-drawn batches (data and noise), batch s = [s];
+    have a leading axis of at least S pre-drawn batches (data and noise), batch s = [s], or
+    a worker's `batches.WorkerBatches` (batch s drawn when step s takes it);
     state: this worker's flat optimiser state to continue ({"m", "v": (D,), "step": ()} for
     Adam), or None / {} for a fresh one; returned in the same format ({} for SGD).
     losses: (S,), the loss at each step before its update.

@@ -8,9 +8,11 @@ needs: the Flower ServerApp regenerates random masks from it and never loads a d
 S; the in-process engine holds all of it, a SuperNode prepares it once for its own worker
 (`worker_round` is its part of a round, eq. 7, the engine's sequential code path).
 
-All randomness comes from generators seeded by (run seed, round, worker, stream), so the
-in-process engine, a resumed run and N SuperNodes each drawing only their own share draw
-exactly the same masks, batches and noise.
+All randomness comes from generators seeded by (run seed, round, worker, stream), one per
+local step for the mini-batches and their noise, so the in-process engine, a resumed run
+and N SuperNodes each drawing only their own share draw exactly the same masks, batches and
+noise. A round's batches are drawn per local step (`batches.RoundBatches`), never a round
+ahead; the data (images, labels, partition indices) are moved to the runtime's device once.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.config import FederationConfig, RunConfig
 from fedscore.errors import FedscoreError
+from fedscore.federated.batches import RoundBatches
 from fedscore.federated.levels import level_ratios
 from fedscore.federated.local import local_update
 from fedscore.federated.masks import build_masks
 from fedscore.federated.optim import Optimizer, make_optimizer
-from fedscore.federated.seeding import DATA, MASKS, seed_for
+from fedscore.federated.seeding import MASKS, seed_for
 from fedscore.models.build import build_model_for
 from fedscore.runtime import CPU_FP32, Runtime
 
@@ -83,27 +86,30 @@ def make_loss(model: nn.Module, cfg: RunConfig, total_time: float,
     return loss
 
 
+def round_batches(
+    images: Tensor, labels: Tensor, parts: list[Tensor], steps: int, batch: int,
+    times: Tensor, weighting: str, run_seed: int, round_: int,
+    workers: list[int] | None = None,
+) -> RoundBatches:
+    """Round `round_`'s S mini-batches and their DSM noise per worker, drawn per (worker,
+    step) when the engine takes them; sizes (N, S) like `draw_batches`' (N, S, B, ...).
+
+    workers: the worker ids of `parts` (default 0..N-1); each (worker, step) draws from its
+    own seed, so a SuperNode drawing only its own part gets what the in-process run drew."""
+    ids = list(range(len(parts))) if workers is None else list(workers)
+    return RoundBatches(images, labels, parts, ids, steps, batch, times, weighting,
+                        run_seed, round_)
+
+
 def draw_batches(
     images: Tensor, labels: Tensor, parts: list[Tensor], steps: int, batch: int,
     times: Tensor, weighting: str, run_seed: int, round_: int,
     workers: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every worker's S mini-batches and their DSM noise, stacked (N, S, B, ...).
-
-    workers: the worker ids of `parts` (default 0..N-1); each worker's draws come from its
-    own seed, so a SuperNode drawing only its own part gets what the in-process run drew."""
-    xs, ys, ts, es = [], [], [], []
-    ids = range(len(parts)) if workers is None else workers
-    for n, idx in zip(ids, parts, strict=True):
-        g = torch.Generator().manual_seed(seed_for(run_seed, round_, n, DATA))
-        pick = idx[torch.randint(len(idx), (steps, batch), generator=g)]
-        x0 = images[pick]  # (S, B, ...)
-        t, eps = diffusion.draw_noise(x0.flatten(0, 1), times, weighting, g)
-        xs.append(x0)
-        ys.append(labels[pick])
-        ts.append(t.reshape(steps, batch))
-        es.append(eps.reshape(x0.shape))
-    return torch.stack(xs), torch.stack(ys), torch.stack(ts), torch.stack(es)
+    """`round_batches` all drawn at once, stacked (N, S, B, ...): the same numbers, in
+    memory at once (small runs, benchmarks; the engine takes the lazy source)."""
+    return round_batches(images, labels, parts, steps, batch, times, weighting, run_seed,
+                         round_, workers).materialise()
 
 
 @dataclass
@@ -138,7 +144,7 @@ class ModelSetup:
 @dataclass
 class FederationSetup(ModelSetup):
     """ModelSetup plus the data side: training images, labels, the workers' partition
-    (index tensors), the loss and S."""
+    (index tensors), all on the runtime's device, the loss and S."""
 
     images: Tensor = None
     labels: Tensor = None
@@ -146,12 +152,12 @@ class FederationSetup(ModelSetup):
     loss_fn: object = None
     steps: int = 0
 
-    def batches(self, q: int, workers: list[int]):
-        """Round q's pre-drawn batches (x0, y, t, eps) of the given workers, (len, S, B, ...)."""
-        drawn = draw_batches(self.images, self.labels, [self.parts[n] for n in workers],
+    def batches(self, q: int, workers: list[int]) -> RoundBatches:
+        """Round q's batches (x0, y, t, eps) of the given workers, sizes (len, S): each
+        (worker, step) drawn when a local step takes it, on the runtime's device."""
+        return round_batches(self.images, self.labels, [self.parts[n] for n in workers],
                              self.steps, self.fed.batch_size, self.times,
                              self.cfg.diffusion.weighting, self.cfg.seed, q, workers=workers)
-        return tuple(b.to(self.runtime.device) for b in drawn)
 
 
 def _federation(cfg: RunConfig) -> FederationConfig:
@@ -195,8 +201,10 @@ def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
         images, labels = own_data
         parts = [torch.arange(len(images))] * fed.workers
     total_time = float(base.times[0] - base.times[-1])
+    device = runtime.device  # the data live where the workers train, once
     return FederationSetup(
-        **vars(base), images=images, labels=labels, parts=parts,
+        **vars(base), images=images.to(device), labels=labels.to(device),
+        parts=[p.to(device) for p in parts],
         loss_fn=make_loss(base.model, cfg, total_time, runtime),
         steps=local_steps(fed, [len(p) for p in parts]),
     )
@@ -204,10 +212,10 @@ def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
 
 def worker_round(f: FederationSetup, params: Params, q: int, n: int, opt_state: dict | None = None):
     """Worker n's part of round q (eq. 7), what a Flower SuperNode runs: its mask, its
-    batches, `federated.local_update` (the engine's sequential path). Returns (theta_{q,n,S},
-    mask, opt state, losses (S,))."""
+    batches (drawn per step, the in-process engine's draws), `federated.local_update` (the
+    engine's sequential path). Returns (theta_{q,n,S}, mask, opt state, losses (S,))."""
     mask = {k: v[0] for k, v in f.masks(params, q, [n]).items()}
-    batch = tuple(b[0] for b in f.batches(q, [n]))
+    batch = f.batches(q, [n])[0]
     fed = f.fed
     theta, state, losses = local_update(
         params, mask, batch, f.loss_fn, f.optimizer(), steps=f.steps,

@@ -24,7 +24,7 @@ from fedscore.errors import FedscoreError
 from fedscore.federated.inprocess import InProcessTransport
 from fedscore.federated.loop import RoundEvent, run_rounds
 from fedscore.federated.optim import state_from_tensors, state_to_tensors
-from fedscore.federated.setup import FederationSetup, draw_batches, prepare
+from fedscore.federated.setup import FederationSetup, prepare, round_batches
 from fedscore.io import atomic_write
 from fedscore.models.build import save_weights
 from fedscore.runs import checkpoint as ckpt
@@ -49,8 +49,8 @@ class FederatedResult:
 
 def write_partition(folder: RunFolder, f: FederationSetup) -> None:
     """partition.png (class heat-map per worker) and partition.json (sizes, histogram)."""
-    labels = f.labels.numpy()
-    parts = [p.numpy() for p in f.parts]
+    labels = f.labels.cpu().numpy()
+    parts = [p.cpu().numpy() for p in f.parts]
     datasets.plot_partition(labels, parts, folder.path / "partition.png")
     folder.write_json("partition.json", {
         "sizes": [len(p) for p in parts],
@@ -119,13 +119,15 @@ def eq9_hook(cfg: RunConfig, model: nn.Module, times: Tensor):
 
 def theory_hook(cfg: RunConfig, f: FederationSetup):
     """Theorem 1's constants at theta_q (every `theory.every` rounds) and at theta_Q, from
-    the round's own masks and batches plus large fixed batches per worker."""
+    the round's own masks and batches (the transport's lazy source: each step redrawn from
+    its seed) plus large fixed batches per worker (drawn a chunk at a time, likewise)."""
     estimator = Estimator(f.loss_fn, every=cfg.theory.every, S=f.steps, eta=cfg.federation.lr)
     size = min(cfg.theory.full_batch, 256)
     chunks = max(1, cfg.theory.full_batch // size)
-    # drawn once from their own seed stream, so training's draws are unchanged
-    full = draw_batches(f.images, f.labels, f.parts, chunks, size, f.times,
-                        cfg.diffusion.weighting, cfg.seed + 7_919, 0)
+    # their own seed stream, so training's draws are unchanged; every observation redraws
+    # the same chunks, one at a time
+    full = round_batches(f.images, f.labels, f.parts, chunks, size, f.times,
+                         cfg.diffusion.weighting, cfg.seed + 7_919, 0)
 
     def hook(e: RoundEvent) -> None:
         observed = []
