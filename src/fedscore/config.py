@@ -114,7 +114,7 @@ class FederationConfig(Strict):
     keep_ratios: list[float] | None = None
     """Explicit keep ratio per worker (overrides `level`)."""
     uncovered: Literal["keep", "zero", "error"] = "keep"
-    strategy: Literal["auto", "vmap", "chunked", "sequential"] = "auto"
+    strategy: Literal["auto", "vmap", "chunked", "sequential", "threads"] = "auto"
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     eval_every: int = Field(1, ge=1)
     """Rounds between held-out eq. 9 evaluations (the last round is always evaluated); each

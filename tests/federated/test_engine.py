@@ -21,6 +21,8 @@ from fedscore.federated import (
     run_round,
     train_workers,
 )
+from fedscore.federated.engine import in_threads
+from fedscore.federated.local import thread_replicas
 
 DIM, B, S = 3, 5, 3
 
@@ -102,7 +104,7 @@ def test_every_strategy_equals_the_sequential_oracle_after_three_rounds(
     ratios = [0.9, 0.75, 0.5, 0.3, 0.3]
     want, want_hist = _oracle_run(model, policy, ratios, optimizer, lr, keep)
     runs = {s: _engine_run(model, policy, ratios, optimizer, lr, keep, s)
-            for s in ("vmap", "sequential")}
+            for s in ("vmap", "sequential", "threads")}
     runs["chunked"] = _engine_run(model, policy, ratios, optimizer, lr, keep, "chunked", chunk=2)
     start = dict(model.named_parameters())
     for strategy, (params, hist) in runs.items():
@@ -280,9 +282,31 @@ def test_auto_vmaps_small_dense_models_and_loops_over_conv_or_large_ones_on_cpu(
     small = {"w": torch.zeros(64, 64), "b": torch.zeros(64)}
     conv = {"conv.weight": torch.zeros(8, 3, 3, 3), "b": torch.zeros(8)}
     large = {"w": torch.zeros(1000, 1000)}
-    assert choose_strategy(small) == "vmap"
-    assert choose_strategy(conv) == "sequential"
-    assert choose_strategy(large) == "sequential"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert choose_strategy(small) == "vmap"
+        assert choose_strategy(conv) == "sequential"
+        assert choose_strategy(large) == "sequential"
+        torch.set_num_threads(2)  # a second core: workers side by side, one thread each
+        assert choose_strategy(conv) == choose_strategy(large) == "threads"
+        assert choose_strategy(conv, n=1) == "sequential" and choose_strategy(small) == "vmap"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_threads_strategy_gives_each_thread_its_own_module_and_restores_torch_threads():
+    model = _model()
+    get = thread_replicas(model)
+    assert get() is model  # the owner thread runs the module itself
+    seen = in_threads(lambda i: get(), 4, threads=2)
+    assert all(m is not model for m in seen)  # any other thread its own copy of it
+    assert all(torch.equal(a, b) for m in seen
+               for a, b in zip(m.parameters(), model.parameters(), strict=True))
+    before = torch.get_num_threads()
+    assert in_threads(lambda i: (i, torch.get_num_threads()), 3, threads=2) == [
+        (0, 1), (1, 1), (2, 1)]  # one intra-op thread per worker inside the pool
+    assert torch.get_num_threads() == before
 
 
 def test_bad_round_arguments_are_refused():
@@ -291,8 +315,8 @@ def test_bad_round_arguments_are_refused():
     loss_fn = make_loss_fn(model, tiny_loss)
     masks = _masks(params, "topk", [1.0, 0.5], 0)
     sgd, adam = make_optimizer("sgd", lr=0.1), make_optimizer("adam", lr=0.1)
-    with pytest.raises(FedscoreError, match="unknown engine strategy 'threads'"):
-        run_round(params, masks, _batches(0, 2), loss_fn, sgd, strategy="threads")
+    with pytest.raises(FedscoreError, match="unknown engine strategy 'processes'"):
+        run_round(params, masks, _batches(0, 2), loss_fn, sgd, strategy="processes")
     with pytest.raises(FedscoreError, match="3 workers on its leading axis but masks have 2"):
         run_round(params, masks, _batches(0, 3), loss_fn, sgd)
     with pytest.raises(FedscoreError, match="between 1 and the 3 batches"):

@@ -24,22 +24,33 @@ stacked agents at inference):
                workers' activations);
   "sequential" a loop over workers calling `local.local_update` (the Flower client's code
                path) on views of the stacked masks, batches and optimiser state;
+  "threads"    the same loop spread over a pool of torch.get_num_threads() Python threads,
+               each running its worker with ONE intra-op thread (the loss must be safe to
+               call from several threads: `local.make_loss_fn` and `setup.make_loss` give
+               each thread its own copy of the module, `local.thread_replicas`);
   "auto"       `choose_strategy`'s pick of one of the above.
 
 The "auto" rule, overridable by naming a strategy:
   - parameters on an accelerator -> "vmap" (batched kernels are what GPUs are for);
   - on CPU, "vmap" only for small models without conv kernels (<= AUTO_VMAP_MAX_PARAMS
-    parameters, no parameter of ndim > 2), else "sequential".
+    parameters, no parameter of ndim > 2); else "threads" when torch may use more than one
+    thread and there is more than one worker, else "sequential".
 Why: a prototype on this project's 2-core CPU measured vmap 3.6x faster than a loop for a
 19k-parameter MLP, but for a 0.73M-parameter conv U-Net vmap was slower (32 s vs 21 s per
 round) and used 4.8x the memory: under vmap a conv with per-worker weights becomes a
-grouped conv, slow on CPU, and all N workers' activations are alive at once.
+grouped conv, slow on CPU, and all N workers' activations are alive at once. And a small
+U-Net's convolutions barely use a second intra-op thread: on a 2-core AVX2 CPU (14x14
+digits, base 16, batch 32) one worker trained at 306 img/s with 2 threads, 250 with 1, and
+two workers side by side, one thread each, at 447 img/s (1.46x; `benchmarks/
+throughput.py --strategies`).
 
 Optimiser state is one shape throughout: flat tensors with the worker axis leading,
 {"m": (N, D), "v": (N, D), "step": (N,)} for Adam, {} for SGD (`federated.optim`).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -59,21 +70,41 @@ from fedscore.federated.local import (
 from fedscore.federated.optim import Optimizer, State, check_state
 
 Params = dict[str, Tensor]
-STRATEGIES = ("auto", "vmap", "chunked", "sequential")
+STRATEGIES = ("auto", "vmap", "chunked", "sequential", "threads")
 AUTO_VMAP_MAX_PARAMS = 200_000
 DEFAULT_CHUNK = 4
 
 
-def choose_strategy(params: Params) -> str:
-    """The "auto" rule: "vmap" on an accelerator or for a small conv-free model on CPU,
-    "sequential" otherwise (see the module docstring for the measurements behind it). One
-    rule, in these names, for any N stacked copies of one model (workers or agents)."""
+def choose_strategy(params: Params, n: int = 2) -> str:
+    """The "auto" rule for n stacked copies: "vmap" on an accelerator or for a small conv-free
+    model on CPU, else "threads" where torch has more than one thread and n > 1, else
+    "sequential" (see the module docstring for the measurements behind it). One rule, in
+    these names, for any N stacked copies of one model (workers or agents)."""
     first = next(iter(params.values()))
     if first.device.type != "cpu":
         return "vmap"
     numel = sum(p.numel() for p in params.values())
     has_conv = any(p.ndim > 2 for p in params.values())
-    return "vmap" if numel <= AUTO_VMAP_MAX_PARAMS and not has_conv else "sequential"
+    if numel <= AUTO_VMAP_MAX_PARAMS and not has_conv:
+        return "vmap"
+    return "threads" if torch.get_num_threads() > 1 and n > 1 else "sequential"
+
+
+def in_threads(fn, n: int, threads: int | None = None) -> list:
+    """[fn(0), ..., fn(n - 1)] computed by a pool of `threads` Python threads (default
+    torch.get_num_threads()), each op running on ONE intra-op thread (torch releases the GIL
+    inside ops; the setting is process-wide and restored after). threads <= 1: a plain loop.
+    fn must be safe to run in several threads at once (`local.thread_replicas`)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads <= 1 or n <= 1:
+        return [fn(i) for i in range(n)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, n), thread_name_prefix="fedscore") as pool:
+            return list(pool.map(fn, range(n)))
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_workers(
@@ -185,14 +216,15 @@ def _train_flat(
         )
     steps = check_steps(steps, leading_size(batches, axis=1))
     if strategy == "auto":
-        strategy = choose_strategy(global_params)
+        strategy = choose_strategy(global_params, n)
     layout = FlatLayout(global_params)
     if state:  # shapes only: a meta tensor allocates nothing
         check_state(opt, state, torch.empty(n, sum(layout.sizes), device="meta"))
     with torch.no_grad():
-        if strategy == "sequential":
+        if strategy in ("sequential", "threads"):
+            threads = torch.get_num_threads() if strategy == "threads" else 1
             return (layout, *_sequential(layout, global_params, masks, batches, loss_fn, opt,
-                                         state, steps))
+                                         state, steps, threads))
         size = n if strategy == "vmap" else (chunk_size or DEFAULT_CHUNK)
         if size < 1:
             raise FedscoreError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -235,17 +267,20 @@ def _vectorised(
 
 def _sequential(
     layout: FlatLayout, global_params: Params, masks: dict[str, Tensor], batches: Batch,
-    loss_fn: LossFn, opt: Optimizer, state: State | None, steps: int,
+    loss_fn: LossFn, opt: Optimizer, state: State | None, steps: int, threads: int = 1,
 ) -> tuple[Tensor, State, Tensor]:
-    """local_update per worker on views of the stacked masks, batches and state."""
-    outs, states, losses = [], [], []
-    for w in range(n_workers(masks)):
+    """local_update per worker on views of the stacked masks, batches and state; with
+    threads > 1, `threads` workers at a time, each with one intra-op thread ("threads")."""
+
+    def worker(w: int):
         theta, st, loss = local_update(
             global_params, {k: v[w] for k, v in masks.items()}, index_batch(batches, w),
             loss_fn, opt, steps=steps, state=_slice(state, w) if state else None,
         )
-        outs.append(layout.flatten(theta))
-        states.append(st)
-        losses.append(loss)
+        return layout.flatten(theta), st, loss
+
+    n = n_workers(masks)
+    results = in_threads(worker, n, threads)
+    outs, states, losses = (list(r) for r in zip(*results, strict=True))
     stacked = {k: torch.stack([st[k] for st in states]) for k in states[0]}
     return torch.stack(outs), stacked, torch.stack(losses)

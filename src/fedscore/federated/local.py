@@ -22,6 +22,8 @@ pytree of tensors pre-drawn (S, B, ...) (stacked (N, S, B, ...) in the engine), 
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,18 +41,38 @@ Batch = Any  # a tensor, a tuple / list / dict of tensors (nested), or a LazyBat
 LossFn = Callable[[Params, Batch], Tensor]
 
 
+def thread_replicas(model: nn.Module) -> Callable[[], nn.Module]:
+    """A getter of the module the calling thread may run: `model` itself in the thread that
+    made the getter, a private deep copy (made once per thread) in any other. functional_call
+    swaps a module's parameters while it runs, so two threads must never share one module;
+    the engine's "threads" strategy trains workers in a pool of threads."""
+    owner = threading.get_ident()
+    local = threading.local()
+
+    def get() -> nn.Module:
+        if threading.get_ident() == owner:
+            return model
+        if not hasattr(local, "model"):
+            local.model = copy.deepcopy(model)
+        return local.model
+
+    return get
+
+
 def make_loss_fn(
     model: nn.Module, loss: Callable[[Callable[..., Tensor], Batch], Tensor]
 ) -> LossFn:
     """loss_fn(params, batch) = loss(net, batch), with net(*args) = model(*args) evaluated at
-    `params` via functional_call (no copy of the model; works under vmap and grad).
+    `params` via functional_call (no copy of the model; works under vmap and grad; another
+    thread runs its own copy, `thread_replicas`).
 
     Example: make_loss_fn(model, lambda net, b: dsm_loss(lambda x, t: net(x, t, b[1]),
     b[0], b[2], b[3])) for a batch (x0, y, t, eps)."""
+    module = thread_replicas(model)
 
     def loss_fn(params: Params, batch: Batch) -> Tensor:
         def net(*args: Tensor) -> Tensor:
-            return functional_call(model, params, args)
+            return functional_call(module(), params, args)
 
         return loss(net, batch)
 

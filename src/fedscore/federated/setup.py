@@ -29,7 +29,7 @@ from fedscore.config import FederationConfig, RunConfig
 from fedscore.errors import FedscoreError
 from fedscore.federated.batches import RoundBatches
 from fedscore.federated.levels import level_ratios
-from fedscore.federated.local import local_update
+from fedscore.federated.local import local_update, thread_replicas
 from fedscore.federated.masks import build_masks
 from fedscore.federated.optim import Optimizer, make_optimizer
 from fedscore.federated.seeding import MASKS, seed_for
@@ -69,10 +69,11 @@ def make_loss(model: nn.Module, cfg: RunConfig, total_time: float,
     weighting = cfg.diffusion.weighting
     parameterisation = cfg.diffusion.parameterisation
     conditional = cfg.model.conditional
+    module = thread_replicas(model)  # safe for the engine's "threads" strategy
 
     def loss(params: Params, batch: tuple[Tensor, ...]) -> Tensor:
         x0, y, t, eps = batch
-        score = diffusion.ScoreModel(model, parameterisation, y if conditional else None,
+        score = diffusion.ScoreModel(module(), parameterisation, y if conditional else None,
                                      params=params)
 
         def net(x: Tensor, tt: Tensor) -> Tensor:

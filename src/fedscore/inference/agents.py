@@ -7,15 +7,18 @@ federated engine names them (one vocabulary for "K stacked copies of one model")
 
   "vmap"        torch.func.vmap of the score over the agent axis, in_dims
                 (0, None, None, None): one batched call for all K agents, the batch x shared;
-  "sequential"  one call per agent on views of the same stacked tensors.
+  "sequential"  one call per agent on views of the same stacked tensors;
+  "threads"     those calls spread over a pool of threads, one intra-op thread each
+                (`engine.in_threads`; each thread runs its own copy of the module).
 
-"auto" is the federated engine's rule (`fedscore.federated.engine.choose_strategy`, one
-rule for training and inference): "vmap" when the parameters are on an accelerator or the
-model is small and conv-free (<= AUTO_VMAP_MAX_PARAMS parameters, no parameter of ndim > 2),
-"sequential" otherwise. Why: on this project's 2-core CPU a prototype measured vmap ~3x faster
-than a loop for a small MLP (per-call overhead dominates), but SLOWER for a 0.7 M-parameter
-conv U-Net: under vmap a conv with per-agent weights becomes a grouped conv, which is slow
-on CPU, and the work is compute-bound anyway (benchmarks/inference_overhead.py measures it).
+"auto" is the federated engine's rule (`fedscore.federated.engine.choose_strategy`, one rule
+for training and inference): "vmap" when the parameters are on an accelerator or the model
+is small and conv-free (<= AUTO_VMAP_MAX_PARAMS parameters, no parameter of ndim > 2), else
+"threads" (or "sequential" with one torch thread). Why: on this project's 2-core CPU a
+prototype measured vmap ~3x faster than a loop for a small MLP (per-call overhead
+dominates), but SLOWER for a 0.7 M-parameter conv U-Net: under vmap a conv with per-agent
+weights becomes a grouped conv, which is slow on CPU, and the work is compute-bound anyway
+(benchmarks/inference_overhead.py measures it).
 Name a strategy to override the rule.
 
 Agents trained by `fedscore.experiments.agents.train_agents` keep their run folder;
@@ -35,10 +38,11 @@ from torch.func import vmap
 
 from fedscore.diffusion import PARAMETERISATIONS, ScoreModel
 from fedscore.errors import FedscoreError, unknown
-from fedscore.federated.engine import choose_strategy
+from fedscore.federated.engine import choose_strategy, in_threads
+from fedscore.federated.local import thread_replicas
 
 Params = dict[str, Tensor]
-STRATEGIES = ("auto", "vmap", "sequential")
+STRATEGIES = ("auto", "vmap", "sequential", "threads")
 COUNTS_FILE = "class_counts.json"
 
 
@@ -109,7 +113,9 @@ class StackedAgents:
         self.parameterisation = parameterisation
         self.labels = labels
         first = {k: v[0] for k, v in self.params.items()}
-        self.strategy = choose_strategy(first) if strategy == "auto" else strategy
+        self.strategy = (choose_strategy(first, self.n_agents) if strategy == "auto"
+                         else strategy)
+        self._module = thread_replicas(model)
         if counts is not None:
             counts = torch.as_tensor(counts)
             if counts.ndim != 2 or counts.shape[0] != self.n_agents:
@@ -127,7 +133,7 @@ class StackedAgents:
         return other
 
     def _one(self, p: Params, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        return ScoreModel(self.model, self.parameterisation, y, params=p)(x, t)
+        return ScoreModel(self._module(), self.parameterisation, y, params=p)(x, t)
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """(K, B, ...) scores of the K agents at x (B, ...), forward times t (B,); labels y
@@ -141,6 +147,9 @@ class StackedAgents:
         with torch.no_grad():
             if self.strategy == "vmap":
                 return vmap(self._one, in_dims=(0, None, None, None))(self.params, x, t, y)
+            if self.strategy == "threads":
+                return torch.stack(in_threads(
+                    lambda i: self._one(self._views[i], x, t, y), self.n_agents))
             return torch.stack([self._one(p, x, t, y) for p in self._views])
 
     def weights_for(self, labels: Tensor) -> Tensor:

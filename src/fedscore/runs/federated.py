@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -166,7 +167,9 @@ def workers_strategy(strategy: str, runtime: Runtime) -> str:
             f"federation.strategy {strategy!r} cannot train in {runtime.precision} on the CPU "
             "(vmap under CPU autocast fails in this torch); use strategy: sequential or auto, "
             "or precision fp32")
-    return "sequential"
+    if strategy == "auto":  # auto's vmap for a small conv-free model would fail here
+        return "threads" if torch.get_num_threads() > 1 else "sequential"
+    return strategy
 
 
 
