@@ -29,14 +29,32 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config value: --set train.steps=100 (repeatable)."),
 ]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<name>).")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    help="Where the networks run: auto|cpu|cuda|cuda:N|mps (auto: CUDA when present). "
+         "Default: the config's `device`.")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    help="The networks' compute precision: auto|fp32|bf16|fp16 (auto: bf16 where the "
+         "device has it natively). Default: the config's `precision`.")]
+RunDeviceOpt = Annotated[str | None, typer.Option(
+    help="Where the networks run: auto|cpu|cuda|cuda:N|mps (default auto: CUDA when "
+         "present).")]
+RunPrecisionOpt = Annotated[str | None, typer.Option(
+    help="The networks' compute precision: auto|fp32|bf16|fp16 (default: the run's).")]
 
 
-def _config(config: Path | None, overrides: list[str] | None, out: Path | None):
+def _runtime_fields(device: str | None, precision: str | None) -> dict:
+    """The config keys --device and --precision override (as --set device=... would)."""
+    fields = {"device": device, "precision": precision}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _config(config: Path | None, overrides: list[str] | None, out: Path | None,
+            device: str | None = None, precision: str | None = None):
     from fedscore.config import load_config
 
-    fields = {}
+    fields = _runtime_fields(device, precision)
     if out is not None:
-        fields = {"out_dir": str(out.parent), "name": out.name}
+        fields |= {"out_dir": str(out.parent), "name": out.name}
     return load_config(config, overrides or [], **fields)
 
 
@@ -47,11 +65,13 @@ def train(
     out: OutOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its checkpoint.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and stop.")] = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Train a score model (centralised, or federated when the config has `federation`)."""
     from fedscore.config import dump_config
 
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, device, precision)
     if dry_run:
         typer.echo(dump_config(cfg))
         return
@@ -78,11 +98,13 @@ def sample(
     n: Annotated[int, typer.Option(help="Number of samples.")] = 1000,
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="Folder for the outputs.")] = None,
+    device: RunDeviceOpt = None,
+    precision: RunPrecisionOpt = None,
 ) -> None:
     """Sample a trained run: samples.npz and a grid (images) or scatter (toys)."""
     from fedscore.runs.evaluate import sample_run
 
-    paths = sample_run(run_dir, n, seed=seed, out=out)
+    paths = sample_run(run_dir, n, seed=seed, out=out, device=device, precision=precision)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 
@@ -95,6 +117,8 @@ def evaluate(
     seed: int = 0,
     inception_weights: Annotated[Path | None, typer.Option(
         help="Local Inception-v3 weights (pytorch-fid's file) for Inception FID/IS.")] = None,
+    device: RunDeviceOpt = None,
+    precision: RunPrecisionOpt = None,
 ) -> None:
     """Score a run's samples (FID, KID, IS, precision/recall, or exact toy metrics)."""
     import json
@@ -102,7 +126,8 @@ def evaluate(
     from fedscore.runs.evaluate import evaluate_run
 
     scores = evaluate_run(run_dir, samples=samples, n=n, seed=seed,
-                          inception_weights=inception_weights)
+                          inception_weights=inception_weights, device=device,
+                          precision=precision)
     typer.echo(json.dumps(scores, indent=2, default=str))
     typer.echo(f"eval.json: {Path(run_dir) / 'eval.json'}")
 
@@ -141,11 +166,15 @@ app.add_typer(features_app, name="features")
 @features_app.command("train")
 def features_train(
     dataset: Annotated[str, typer.Option(help="Dataset whose classifier to train.")] = "mnist5k",
+    device: Annotated[str, typer.Option(
+        help="Where it trains: auto|cpu|cuda|cuda:N|mps (always fp32: it is a metric).")] = (
+        "auto"),
 ) -> None:
     """Train (or load from the cache) the dataset's feature classifier; print its accuracy."""
     from fedscore.metrics import get_extractor
+    from fedscore.runtime import resolve
 
-    extractor = get_extractor(dataset)
+    extractor = get_extractor(dataset, device=resolve(device, "fp32").device)
     state = "meets" if extractor.meets_floor else "is BELOW"
     typer.echo(f"{dataset}: held-out accuracy {extractor.test_accuracy:.4f} "
                f"({state} the floor {extractor.floor})")
@@ -169,12 +198,14 @@ def agents_train(
         help="control (one agent, all data), homogeneous or heterogeneous.")] = "heterogeneous",
     agents: Annotated[int, typer.Option(help="Number of agents.")] = 10,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and stop.")] = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Train K class-conditional agents, each alone on its partition (FI paper §4.1)."""
     from fedscore.config import dump_config
     from fedscore.experiments.agents import train_agents
 
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, device, precision)
     if dry_run:
         typer.echo(dump_config(cfg), nl=False)
         return
@@ -192,12 +223,14 @@ def agents_sample(
     per_label: Annotated[int, typer.Option(help="Samples per label.")] = 10,
     steps: Annotated[int, typer.Option(help="Exponential-integrator steps.")] = 100,
     seed: int = 0,
+    device: RunDeviceOpt = None,
+    precision: RunPrecisionOpt = None,
 ) -> None:
     """Federated inference: sample with the agents combined at every reverse step."""
     from fedscore.experiments.agents import sample_agents
 
     paths = sample_agents(run_dirs, out, aggregator=aggregator, per_label=per_label,
-                          steps=steps, seed=seed)
+                          steps=steps, seed=seed, device=device, precision=precision)
     typer.echo(f"samples: {paths['samples']}\nfigure:  {paths['figure']}")
 
 
@@ -208,11 +241,15 @@ def agents_diagnose(
         "runs/diagnostics"),
     aggregator: Annotated[str, typer.Option(help="mean, weighted, hybrid or mixture.")] = (
         "mean"),
+    device: RunDeviceOpt = None,
+    precision: RunPrecisionOpt = None,
 ) -> None:
     """The FI paper's score diagnostics (eqs. 9-13): CSV and a table like its Tables 3-4."""
     from fedscore.experiments.agents import diagnose_agents
 
-    typer.echo(f"diagnostics: {diagnose_agents(run_dirs, out, aggregator=aggregator)}")
+    md = diagnose_agents(run_dirs, out, aggregator=aggregator, device=device,
+                         precision=precision)
+    typer.echo(f"diagnostics: {md}")
 
 
 BudgetOpt = Annotated[str | None, typer.Option(
@@ -222,12 +259,14 @@ DatasetOpt = Annotated[str | None, typer.Option(
 
 
 def _run(preset: str, out: Path, *, budget: str | None = None, dataset: str | None = None,
-         seed: int | None = None) -> None:
+         seed: int | None = None, device: str | None = None,
+         precision: str | None = None) -> None:
     from fedscore.experiments import run_experiment
     from fedscore.experiments.report import seconds_text
 
+    fields = _runtime_fields(device, precision)  # over the preset's shared config
     result = run_experiment(preset, out, budget=budget, dataset=dataset, seed=seed,
-                            echo=typer.echo)
+                            overrides={"config": fields} if fields else None, echo=typer.echo)
     typer.echo(f"report: {result.report}")
     typer.echo(f"html:   {result.html}")
     typer.echo(f"total wall time: {seconds_text(result.seconds)}")
@@ -240,10 +279,13 @@ def reproduce_fi(
         "runs/federated-inference"),
     budget: Annotated[str, typer.Option(help="cpu (~25 min) or quick (seconds).")] = "cpu",
     seed: int = 0,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """The FI paper's experiment: three regimes x four aggregators, IS/FID/unrecognisable
     (the preset `federated-inference`)."""
-    _run("federated-inference", out, budget=budget, dataset=dataset, seed=seed)
+    _run("federated-inference", out, budget=budget, dataset=dataset, seed=seed,
+         device=device, precision=precision)
 
 
 @reproduce_app.command("pruning")
@@ -253,10 +295,13 @@ def reproduce_pruning(
         "runs/pruning"),
     budget: Annotated[str, typer.Option(help="cpu (~7 min) or quick (seconds).")] = "cpu",
     seed: int = 0,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """The pruning paper's experiment: {Random, Top-k} x levels {F, L, M, S} (the preset
     `pruning`)."""
-    _run("pruning", out, budget=budget, dataset=dataset, seed=seed)
+    _run("pruning", out, budget=budget, dataset=dataset, seed=seed, device=device,
+         precision=precision)
 
 
 experiment_app = typer.Typer(help="Experiment presets: cells trained, sampled, evaluated and "
@@ -273,10 +318,12 @@ def experiment_run(
         "--out", help="Folder of the experiment (default runs/<preset>).")] = None,
     dataset: DatasetOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the preset's).")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Run an experiment preset: train its cells, sample, evaluate, write the report."""
     _run(preset, out or Path("runs") / Path(preset).stem, budget=budget, dataset=dataset,
-         seed=seed)
+         seed=seed, device=device, precision=precision)
 
 
 @experiment_app.command("list")
@@ -314,11 +361,13 @@ def flower_run(
         help="Seconds it waits for missing SuperNodes before later rounds.")] = 10.0,
     min_replies: Annotated[int, typer.Option(
         help="Fewer replies than this and a round leaves the model unchanged.")] = 1,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Run a federated config on Flower on this machine; same run folder as `train`."""
     from fedscore.flower.run import run_flower
 
-    cfg = _config(config, set_, out)
+    cfg = _config(config, set_, out, device, precision)
     folder = run_flower(cfg, out or cfg.run_dir(), deployment=deployment, nodes=nodes,
                         tls=tls or auth, auth=auth, resume=resume, round_timeout=round_timeout,
                         start_wait=start_wait, node_wait=node_wait, min_replies=min_replies)
@@ -343,11 +392,13 @@ def demo(
     quick: Annotated[bool, typer.Option(help="A smoke-test budget (under 2 minutes).")] = (
         False
     ),
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
 ) -> None:
     """The main job on mnist5k: a 10-worker federation with top-k pruning (level M) and
     federated inference (mean, mixture) on the same silos, evaluated in one report (the
     preset `demo`)."""
-    _run("demo", out, budget="quick" if quick else None)
+    _run("demo", out, budget="quick" if quick else None, device=device, precision=precision)
 
 
 def main() -> None:

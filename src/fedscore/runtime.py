@@ -10,7 +10,9 @@ in float32/float64 whatever it says.
 from __future__ import annotations
 
 import contextlib
+import platform
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +43,28 @@ class Runtime:
         """What a run folder records of it."""
         return {"device": str(self.device), "precision": self.precision}
 
+    def environment(self) -> dict:
+        """What env.json records of it: `describe()` plus the device's name."""
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+        elif self.device.type == "cpu":
+            name = _cpu_name()
+        else:
+            name = self.device.type
+        return self.describe() | {"device_name": name}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
 
 CPU_FP32 = Runtime()
 """The default: what every job ran on before devices and precisions were chosen."""
@@ -67,6 +91,25 @@ def resolve(device: str | torch.device = "auto", precision: str = "auto") -> Run
     if precision == "auto":
         precision = "bf16" if bf16_supported(dev) else "fp32"
     return Runtime(dev, precision)
+
+
+def from_config(cfg: Any) -> Runtime:
+    """The Runtime a run config asks for (its top-level `device` and `precision` keys):
+    the one place a driver turns a config into a device and a precision."""
+    return resolve(cfg.device, cfg.precision)
+
+
+def pinned(cfg: Any, runtime: Runtime) -> Any:
+    """`cfg` with `device` and `precision` replaced by what `runtime` resolved them to
+    ("cpu", "fp32", not "auto"): what a run folder's config.yaml records."""
+    return cfg.model_copy(update=runtime.describe())
+
+
+def for_run(cfg: Any, device: str | None = None, precision: str | None = None) -> Runtime:
+    """Where to use a finished run's model (sampling, evaluation, agents): `device`
+    (default "auto": this machine's, not the one it trained on) and `precision` (default
+    the run's own)."""
+    return resolve(device or "auto", precision or cfg.precision)
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -215,7 +215,7 @@ def test_inception_scores_are_added_when_weights_are_given(digits_run, monkeypat
 
     loaded = []
     monkeypatch.setattr("fedscore.runs.evaluate.load_inception",
-                        lambda path: loaded.append(path) or StandIn())
+                        lambda path, **kw: loaded.append(path) or StandIn())
     scores = evaluate_run(digits_run, inception_weights="w.pth", progress=False)
     assert loaded == ["w.pth"]
     x, _ = load_samples(digits_run / "samples.npz", (1, 8, 8))

@@ -30,12 +30,12 @@ from fedscore.inference.agents import (
 from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
 from fedscore.inference.sampling import agents_score_fn, draw
 from fedscore.io import atomic_write_text
-from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
+from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config, write_samples
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
-from fedscore.runs.sampling import sampling_grid
+from fedscore.runs.sampling import on_device, sampling_grid
 from fedscore.runs.train import load_model, train_central
-from fedscore.runtime import CPU_FP32, Runtime
+from fedscore.runtime import CPU_FP32, Runtime, for_run, from_config, pinned
 
 AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture")
 """The aggregators an experiment or `fedscore agents sample` may name (SPEC §3)."""
@@ -43,15 +43,17 @@ SAMPLER = "exp-integrator"
 
 
 def same_run_config(path: Path, cfg) -> bool:
-    """Was the run folder `path` made with `cfg`? Where the folder lies (out_dir) may
-    differ: a moved or copied experiment folder is still reused."""
+    """Was the run folder `path` made with `cfg`? Where the folder lies (out_dir) and where
+    and in what precision it ran (device, precision) may differ: a moved or copied
+    experiment folder is still reused, a run trained on a GPU still sampled on a CPU."""
     kept = load_config(path / "config.yaml")
-    return kept == cfg.model_copy(update={"out_dir": kept.out_dir})
+    return kept == cfg.model_copy(update={"out_dir": kept.out_dir, "device": kept.device,
+                                          "precision": kept.precision})
 
 
 def train_agents(
     cfg, regime: str, out_dir: str | Path | None = None, *, n_agents: int = 10,
-    progress: bool = True, runtime: Runtime = CPU_FP32,
+    progress: bool = True, runtime: Runtime | None = None,
 ) -> list[Path]:
     """Train one class-conditional score model per partition of the training split, each
     alone on its own data (train_central on its indices), for a regime of FI §4.1.
@@ -61,6 +63,7 @@ def train_agents(
     the server may learn of its data. `out_dir/agents.json` lists the agents and their
     counts. The control regime has one agent whatever n_agents says. A finished agent
     (model.safetensors present, same config) is kept; an interrupted one is resumed.
+    runtime: where they train (default: the config's device and precision, resolved).
     Returns the agents' run folders.
     """
     if regime not in REGIMES:
@@ -75,6 +78,8 @@ def train_agents(
             "agents train alone (centrally, on their own partition): set federation: none; "
             "the regime chooses the partition"
         )
+    runtime = runtime or from_config(cfg)
+    cfg = pinned(cfg, runtime)
     out = Path(out_dir) if out_dir is not None else cfg.run_dir()
     _, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
                               download=cfg.data.download)
@@ -93,7 +98,7 @@ def train_agents(
             )
         if not (path / "model.safetensors").is_file():
             resume = (path / "checkpoint.safetensors").is_file()
-            folder = RunFolder.open(agent, resume=resume, path=path)
+            folder = RunFolder.open(agent, resume=resume, path=path, runtime=runtime)
             atomic_write_text(path / COUNTS_FILE, json.dumps(
                 {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
             train_central(agent, resume=resume, progress=progress, folder=folder, runtime=runtime,
@@ -138,28 +143,39 @@ def load_agents(
     return agents
 
 
+def agents_runtime(run_dirs, device: str | None = None, precision: str | None = None
+                   ) -> Runtime:
+    """Where to run trained agents (`runtime.for_run` of the first agent's config)."""
+    dirs = list(run_dirs)
+    return for_run(read_config(dirs[0]), device, precision) if dirs else CPU_FP32
+
+
 def sample_agents(run_dirs, out: str | Path, *, aggregator: str = "mixture",
                   per_label: int = 10, steps: int = 100, seed: int = 0,
-                  progress: bool = True) -> dict[str, Path]:
+                  progress: bool = True, device: str | None = None,
+                  precision: str | None = None) -> dict[str, Path]:
     """Federated inference from trained agents' run folders: `per_label` samples of every
     label, the agents combined by `aggregator` at each of `steps` exponential-integrator
     steps (an SDE sampler: the mixture's density tracking needs its noise) on the agents'
     sampling grid (their config's `sample.grid` over [delta, T]). Writes `samples.npz` (as
     `fedscore sample` does, so `fedscore evaluate AGENT_DIR --samples` scores it) and
-    `samples.png` (one row per label) into `out`; returns their paths."""
+    `samples.png` (one row per label) into `out`; returns their paths. device, precision:
+    where the agents' networks run (`runtime.for_run`); the sampler and the aggregator stay
+    on the CPU in fp32/fp64."""
 
     if aggregator not in AGGREGATOR_NAMES:
         raise unknown("aggregator", aggregator, AGGREGATOR_NAMES)
     if per_label < 1 or steps < 1:
         raise FedscoreError(f"per_label and steps must be positive, got {per_label}, {steps}")
-    agents = load_agents(run_dirs)
+    runtime = agents_runtime(run_dirs, device, precision)
+    agents = load_agents(run_dirs, device=runtime.device)
     cfg = agents.config
     info = datasets.info(cfg.data.name)
     labels = torch.arange(info.classes).repeat_interleave(per_label)
     times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
         update={"steps": steps})}))
-    x = draw(agents_score_fn(agents, labels, aggregator), len(labels), tuple(info.shape),
-             times, SAMPLER, seed, progress=progress)
+    score_fn = agents_score_fn(on_device(agents, runtime), labels, aggregator)
+    x = draw(score_fn, len(labels), tuple(info.shape), times, SAMPLER, seed, progress=progress)
     out = Path(out)
     npz = write_samples(out / SAMPLES, x, labels, seed)
     figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
@@ -183,13 +199,16 @@ def diagnostics_inputs(dataset: str, n: int, shape, classes: int, seed: int,
 
 def diagnose_agents(
     run_dirs, out: str | Path, *, aggregator: str = "mean", n_inputs: int = 10, seed: int = 0,
+    device: str | None = None, precision: str | None = None,
 ) -> Path:
     """FI eqs. 9-13 for trained agents (`fedscore agents diagnose`): per label and t in
     {1, 0.5, 0.1, 0.01} (fractions of T), on n_inputs noise and n_inputs real test images,
     the aggregate's magnitude and the agents' cosine to it. Writes out/diagnostics-
     <aggregator>.csv and .md (a table laid out like the paper's); returns the .md path.
-    Weighted aggregators use the agents' per-class counts of each input's label."""
-    agents = load_agents(run_dirs)
+    Weighted aggregators use the agents' per-class counts of each input's label. device,
+    precision: where the agents' networks run (`runtime.for_run`)."""
+    runtime = agents_runtime(run_dirs, device, precision)
+    agents = load_agents(run_dirs, device=runtime.device)
     cfg = agents.config
     info = datasets.info(cfg.data.name)
     if len(info.shape) != 3:
@@ -198,7 +217,7 @@ def diagnose_agents(
                                 cfg.data.data_root)
     T = float(diffusion.time_grid(**cfg.diffusion.grid_kwargs())[0])  # also ddpm-linear's
     records = score_diagnostics(
-        agents, inputs, T=T, aggregator=aggregator,
+        on_device(agents, runtime), inputs, T=T, aggregator=aggregator,
         weights=None if aggregator == "mean" else agents.weights_for)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

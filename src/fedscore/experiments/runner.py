@@ -38,9 +38,9 @@ from fedscore.runs.evaluate import evaluate_samples
 from fedscore.runs.federated import train_federated
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
-from fedscore.runs.sampling import model_score_fn
+from fedscore.runs.sampling import model_score_fn, on_device
 from fedscore.runs.train import load_model
-from fedscore.runtime import CPU_FP32, Runtime
+from fedscore.runtime import CPU_FP32, Runtime, from_config
 
 
 @dataclass
@@ -110,7 +110,7 @@ def train_federation(cfg, *, progress: bool = True, runtime: Runtime = CPU_FP32)
             f"{str(path)!r} holds a federated run of another budget; choose another --out "
             "folder or remove it")
     if (path / "model.safetensors").is_file():
-        return Trained(cfg, path, load_model(path)[0], reused=True)
+        return Trained(cfg, path, load_model(path)[0].to(runtime.device), reused=True)
     resume = (path / "checkpoint.safetensors").is_file()
     model = train_federated(cfg, resume=resume, progress=progress,
                             runtime=runtime).model.eval()
@@ -125,7 +125,7 @@ def train_agents_cell(cfg, regime: str, path: Path, n_agents: int, *,
                for j in range(1 if regime == "control" else n_agents))
     dirs = train_agents(cfg, regime, path, n_agents=n_agents, progress=progress,
                         runtime=runtime)
-    return Trained(cfg, path, agents=load_agents(dirs), reused=done)
+    return Trained(cfg, path, agents=load_agents(dirs, device=runtime.device), reused=done)
 
 
 def same_silos(fed_dir: Path, agents_dir: Path) -> bool:
@@ -150,10 +150,12 @@ def real_reference(dataset: str, split: str, per_label: int, seed: int, classes:
     return images[pick], labels[pick]
 
 
-def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool = True
-                ) -> list[dict]:
+def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool = True,
+                runtime: Runtime = CPU_FP32) -> list[dict]:
     """Every sample set of the experiment, in cell order: {cell, label, aggregator,
-    images, labels, mixture} (mixture: the mixture aggregator, read for its final weights)."""
+    images, labels, mixture} (mixture: the mixture aggregator, read for its final weights).
+    The networks run on `runtime` (where the trained models lie); the samplers' state and
+    noise stay on the CPU in fp32, so every device draws the same noise."""
 
     info = datasets.info(preset.dataset)
     shape, s = tuple(info.shape), preset.sampling
@@ -171,13 +173,14 @@ def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool =
         times = diffusion.time_grid(s.grid, s.steps, T=t.cfg.diffusion.T,
                                     delta=t.cfg.diffusion.delta)
         if cell.kind == "federated":
-            x = draw(model_score_fn(t.model, t.cfg, labels), len(labels), shape, times,
-                     s.method, seed, clip=s.clip, progress=progress)
+            score_fn = on_device(model_score_fn(t.model, t.cfg, labels), runtime)
+            x = draw(score_fn, len(labels), shape, times, s.method, seed, clip=s.clip,
+                     progress=progress)
             sets.append({"cell": name, "label": cell.label, "aggregator": None,
                          "images": x, "labels": labels})
             continue
         for agg in cell.aggregators:
-            score_fn = agents_score_fn(t.agents, labels, agg, clip=s.clip)
+            score_fn = agents_score_fn(on_device(t.agents, runtime), labels, agg, clip=s.clip)
             x = draw(score_fn, len(labels), shape, times, s.method, seed, progress=progress)
             sets.append({"cell": name, "label": cell.label.format(aggregator=agg),
                          "aggregator": agg, "images": x, "labels": labels,
@@ -199,13 +202,14 @@ def federated_facts(path: Path) -> dict[str, Any]:
             "gamma_star": int(last["gamma_star"]), "bytes_sent": int(sum(last["bytes_sent"]))}
 
 
-def evaluate_sets(ctx: Context, sets: list[dict], *, progress: bool = True) -> None:
+def evaluate_sets(ctx: Context, sets: list[dict], *, progress: bool = True,
+                  device=None) -> None:
     """One row per sample set into ctx.rows (evaluate_samples against the preset's
     reference split, plus the cell's tags and a federated cell's last-round numbers), and
-    its grid (one row per label) into ctx.grids."""
+    its grid (one row per label) into ctx.grids. The classifier runs on `device` in fp32."""
 
     preset = ctx.preset
-    extractor = get_extractor(preset.dataset, progress=progress)
+    extractor = get_extractor(preset.dataset, progress=progress, device=device)
     reference, _ = datasets.load(preset.dataset, split=preset.reference)
     reference_stats = extractor.stats(reference)
     ctx.classifier_accuracy = extractor.test_accuracy
@@ -241,11 +245,13 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
                    dataset: str | None = None, seed: int | None = None,
                    overrides: dict[str, Any] | None = None, progress: bool = True,
                    echo: Callable[[str], None] = print,
-                   runtime: Runtime = CPU_FP32) -> ExperimentResult:
+                   runtime: Runtime | None = None) -> ExperimentResult:
     """Run an experiment preset (a shipped name, a YAML path, or a resolved Preset) into
     `out`: train its cells, sample, evaluate, write report.md, report.html and results.json.
     budget, dataset, seed, overrides: as `load_preset`. echo: where the stage headings go.
-    runtime: the device and precision every cell trains on, chosen here once.
+    runtime: the device and precision every cell trains and samples on, chosen here once
+    (default: the preset's `config: {device:, precision:}`, resolved; the classifier of
+    the evaluation runs on the same device in fp32).
     Finished training in `out` of the same config is reused; sampling, evaluation and the
     report are redone."""
 
@@ -256,6 +262,7 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
     if len(info.shape) != 3:
         raise FedscoreError(f"experiment {preset.name!r} needs an image dataset (digits, "
                             f"mnist5k, ...), got {preset.dataset!r}")
+    runtime = runtime or preset_runtime(preset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Stopwatch()
@@ -282,15 +289,22 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
     s = preset.sampling
     echo(f"[{stages - 2}/{stages}] sampling: {s.per_label} per label, {s.steps} {s.method} "
          "steps, the same noise for every set")
-    sets = sample_sets(preset, trained, progress=progress)
+    sets = sample_sets(preset, trained, progress=progress, runtime=runtime)
     clock.lap("sampling")
     echo(f"[{stages - 1}/{stages}] evaluation with the {preset.dataset} classifier "
          f"(FID against the {preset.reference} split)")
-    evaluate_sets(ctx, sets, progress=progress)
+    evaluate_sets(ctx, sets, progress=progress, device=runtime.device)
     clock.lap("evaluation")
     echo(f"[{stages}/{stages}] report")
     md, page = write_report(ctx, clock)
     return ExperimentResult(md, page, ctx.total, ctx.rows)
+
+
+def preset_runtime(preset: Preset) -> Runtime:
+    """The runtime a preset's shared `config` asks for (a cell cannot choose its own: one
+    experiment runs on one device)."""
+    names = [n for n, c in preset.cells.items() if c.kind != "real"]
+    return from_config(preset.cell_config(names[0], "runs")) if names else CPU_FP32
 
 
 def _describe(name: str, cell, preset: Preset) -> str:

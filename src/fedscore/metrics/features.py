@@ -109,10 +109,16 @@ def _build(shape, classes: int, recipe: dict[str, Any]) -> SmallCNN:
         )
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch: int = 1000) -> float:
     model.eval()
+    dev = _device(model)
     with torch.no_grad():
-        pred = [model(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)]
+        pred = [model(images[i : i + batch].to(dev)).argmax(1).cpu()
+                for i in range(0, len(images), batch)]
     return float((torch.cat(pred) == labels).double().mean())
 
 
@@ -126,7 +132,9 @@ def train_classifier(
     desc: str = "feature classifier",
 ) -> SmallCNN:
     """Adam with a one-cycle learning rate, cross-entropy, random shifts of up to
-    `max_shift` pixels per batch (background is -1, so rolling the image is a shift)."""
+    `max_shift` pixels per batch (background is -1, so rolling the image is a shift). Runs
+    where `model` lies (batches drawn on the CPU, moved there)."""
+    dev = _device(model)
     g = torch.Generator().manual_seed(int(recipe["seed"]) + 1)
     bs, epochs, shift = int(recipe["batch_size"]), int(recipe["epochs"]), int(recipe["max_shift"])
     n = images.shape[0]
@@ -141,11 +149,11 @@ def train_classifier(
             perm = torch.randperm(n, generator=g)
             for start in range(0, n, bs):
                 idx = perm[start : start + bs]
-                xb = images[idx]
+                xb = images[idx].to(dev)
                 if shift > 0:
                     dy, dx = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
                     xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
-                loss = F.cross_entropy(model(xb), labels[idx])
+                loss = F.cross_entropy(model(xb), labels[idx].to(dev))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -208,9 +216,10 @@ class FeatureExtractor:
         if not torch.isfinite(images).all():
             raise FedscoreError("images contain NaN or infinite values")
         fn = self.model if head else self.model.features
+        dev = _device(self.model)  # the network on its device, the outputs back on the CPU
         with torch.no_grad():
             chunks = range(0, len(images), batch_size)
-            out = [fn(images[i : i + batch_size].float()) for i in chunks]
+            out = [fn(images[i : i + batch_size].to(dev, torch.float32)).cpu() for i in chunks]
         return torch.cat(out) if out else torch.zeros(0, self.num_features)
 
     def features(self, images: Tensor, batch_size: int = 1000) -> Tensor:
@@ -305,11 +314,14 @@ def get_extractor(
     floor: float | None = None,
     allow_below_floor: bool = False,
     data_root: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> FeatureExtractor:
     """The feature extractor of an image dataset: loaded from the cache, or trained on the
     dataset's training split on first use (tqdm progress bar), evaluated on its test split
     and cached. `recipe` overrides entries of RECIPES[dataset]; `floor` overrides
-    ACCURACY_FLOORS[dataset]; `data_root` is passed to `fedscore.data.load`."""
+    ACCURACY_FLOORS[dataset]; `data_root` is passed to `fedscore.data.load`. `device`:
+    where the classifier trains (on first use) and runs (default the CPU), always in fp32;
+    its outputs come back to the CPU."""
 
     if dataset.startswith("gmm:"):
         raise FedscoreError(
@@ -342,18 +354,20 @@ def get_extractor(
         "recipe_hash": rec_hash,
     }
 
+    device = torch.device(device or "cpu")
     model = _build(info.shape, info.classes, rec)
     acc, problem = _load_entry(weights, meta_path, model, expect)
+    model.to(device)
     if acc is None:
         if problem is not None:
             log.warning("feature cache %s failed its check (%s); rebuilding", weights, problem)
-            model = _build(info.shape, info.classes, rec)  # discard anything half-loaded
+            model = _build(info.shape, info.classes, rec).to(device)  # nothing half-loaded
         t0 = time.perf_counter()
         desc = f"training {dataset} feature classifier"
         train_classifier(model, images, labels, rec, progress=progress, desc=desc)
         test_images, test_labels = data.load(dataset, split=TEST_SPLIT, data_root=data_root)
         acc = _accuracy(model, test_images, test_labels)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(weights, lambda tmp: save_file(state, tmp))
         meta = {
             **expect,
@@ -365,6 +379,7 @@ def get_extractor(
             "classes": info.classes,
             "input_shape": list(info.shape),
             "train_seconds": round(time.perf_counter() - t0, 2),
+            "trained_on": str(device),
             "weights_size": weights.stat().st_size,
             "weights_sha256": _sha256_file(weights),
         }

@@ -55,8 +55,9 @@ from fedscore.metrics import (
 from fedscore.metrics.inception_net import load_inception
 from fedscore.metrics.stats import FeatureStats
 from fedscore.runs.plots import image_grid, scatter_vs_truth
-from fedscore.runs.sampling import model_score_fn, sample_model
+from fedscore.runs.sampling import model_score_fn, on_device, sample_model
 from fedscore.runs.train import load_model
+from fedscore.runtime import Runtime, for_run
 
 SAMPLES = "samples.npz"
 FIGURE = "samples.png"
@@ -95,6 +96,8 @@ def sample_run(
     seed: int = 0,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Path]:
     """Draw n samples from a run's trained model (EMA weights when kept) and write
     `samples.npz` (`samples` (n, *shape) float32; `labels` (n,) int64 for class-conditional
@@ -102,15 +105,19 @@ def sample_run(
     `samples.png` (an image grid, one column per class when conditional; for Gaussian
     mixtures a scatter beside n exact samples) into `out` (default: the run folder).
 
+    device, precision: where the network runs and in what precision (`runtime.for_run`:
+    default this machine's device, the run's precision; the sampler's state stays fp32).
+
     Returns {"samples": npz path, "figure": png path}."""
 
     if not isinstance(n, int) or n < 1:
         raise FedscoreError(f"n (number of samples) must be a positive integer, got {n!r}")
     model, cfg = load_model(Path(run_dir))
+    runtime = for_run(cfg, device, precision)
     info = datasets.info(cfg.data.name)
     labels = torch.arange(n) % info.classes if cfg.model.conditional else None
-    samples = sample_model(model, cfg, n, seed=seed, labels=labels,
-                           sample_shape=tuple(info.shape), progress=progress)
+    samples = sample_model(model.to(runtime.device), cfg, n, seed=seed, labels=labels,
+                           sample_shape=tuple(info.shape), progress=progress, runtime=runtime)
     folder = Path(out) if out is not None else Path(run_dir)
     npz = write_samples(folder / SAMPLES, samples, labels, seed)
     figure = folder / FIGURE
@@ -249,32 +256,40 @@ def evaluate_run(
     seed: int = 0,
     inception_weights: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Measure a run's samples and write `eval.json` into the run folder; returns its dict.
 
     samples: a samples.npz (default: the run folder's; drawn first with `sample_run(n,
     seed)` when absent). seed also drives the metrics' own randomness (KID subsets, IS
     shuffling, exact reference samples, projections). inception_weights: a local
-    Inception-v3 weights file for the papers' FID/IS (fedscore.metrics.inception_net)."""
+    Inception-v3 weights file for the papers' FID/IS (fedscore.metrics.inception_net).
+    device, precision: as `sample_run`; the feature networks run on the device in fp32,
+    their outputs and every metric come back to the CPU (FID's sums in fp64)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    runtime = for_run(cfg, device, precision)
     path = Path(samples) if samples is not None else run_dir / SAMPLES
     if samples is None and not path.is_file():
-        sample_run(run_dir, n, seed=seed, progress=progress)
+        sample_run(run_dir, n, seed=seed, progress=progress, device=str(runtime.device),
+                   precision=runtime.precision)
     info = datasets.info(cfg.data.name)
     x, labels = load_samples(path, tuple(info.shape))
     result: dict[str, Any] = {"run": cfg.name, "dataset": cfg.data.name,
                               "samples": str(path), "n_samples": int(x.shape[0]), "seed": seed,
                               "conditional": cfg.model.conditional}
     if _is_toy(cfg):
-        result |= toy_metrics(run_dir, cfg, x, labels, seed=seed)
+        result |= toy_metrics(run_dir, cfg, x, labels, seed=seed, runtime=runtime)
     else:
         if inception_weights is not None:  # fail on a bad file before the long work
 
-            inception = load_inception(inception_weights)
-        result |= image_metrics(cfg, x, labels, seed=seed, progress=progress)
+            inception = load_inception(inception_weights, device=runtime.device)
+        result |= image_metrics(cfg, x, labels, seed=seed, progress=progress,
+                                device=runtime.device)
         if inception_weights is not None:
             result |= inception_metrics(inception, cfg, x, seed=seed, progress=progress)
+    result["runtime"] = runtime.describe()
     result = json_safe(result)
     atomic_write_text(run_dir / EVAL, json.dumps(result, indent=2))
     return result
@@ -331,12 +346,14 @@ def evaluate_samples(
 
 
 def image_metrics(cfg: RunConfig, x: Tensor, labels: Tensor | None, *, seed: int = 0,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, device=None) -> dict[str, Any]:
     """FID, KID, IS, precision/recall, class accuracy and the unrecognisable fraction of
-    images x (n, C, H, W) from the dataset's domain classifier (fedscore.metrics.features);
-    the numbers shared with every experiment table come from `evaluate_samples`."""
+    images x (n, C, H, W) from the dataset's domain classifier (fedscore.metrics.features,
+    run on `device` in fp32, default the CPU); the numbers shared with every experiment
+    table come from `evaluate_samples`."""
 
-    extractor = get_extractor(cfg.data.name, progress=progress, data_root=cfg.data.data_root)
+    extractor = get_extractor(cfg.data.name, progress=progress, data_root=cfg.data.data_root,
+                              device=device)
     extractor.check_floor()  # one clear error before any number is computed
     x = x.clamp(-1, 1)  # what an image file of the samples would hold
     real, real_labels = datasets.load(cfg.data.name, split="train",
@@ -398,9 +415,10 @@ def inception_metrics(inception, cfg: RunConfig, x: Tensor, *, seed: int = 0,
 
 
 def toy_metrics(run_dir: Path, cfg: RunConfig, x: Tensor, labels: Tensor | None, *,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, runtime: Runtime | None = None) -> dict[str, Any]:
     """Exact metrics of samples x (n, d) of a Gaussian-mixture run (fedscore.metrics.toy),
-    and the trained model's epsilon_score^2 on its training grid."""
+    and the trained model's epsilon_score^2 on its training grid (the network on
+    `runtime`, the error in fp32 on the CPU)."""
 
     gm = _mixture(cfg)
     g = torch.Generator().manual_seed(seed + 1)  # seed + 1: the exact samples of the scatter
@@ -423,9 +441,11 @@ def toy_metrics(run_dir: Path, cfg: RunConfig, x: Tensor, labels: Tensor | None,
                                    "model's score is a component's, so it is not compared")
     else:
         model, _ = load_model(run_dir)
+        runtime = runtime or for_run(cfg, "cpu")
         times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
         out["score_error"] = score_error(
-            model_score_fn(model, cfg), gm, times, n=SCORE_ERROR_N,
+            on_device(model_score_fn(model.to(runtime.device), cfg), runtime), gm, times,
+            n=SCORE_ERROR_N,
             generator=torch.Generator().manual_seed(seed + 2),
         )
     return out

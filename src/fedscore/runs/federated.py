@@ -31,7 +31,7 @@ from fedscore.models.build import save_weights
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.train import eval_eq9, held_out_batch
-from fedscore.runtime import CPU_FP32, Runtime
+from fedscore.runtime import Runtime, from_config, pinned
 from fedscore.theory import Estimator
 
 
@@ -71,8 +71,9 @@ def resume_state(folder: RunFolder, params: dict[str, Tensor]):
     opt_tensors = ckpt.unprefixed("opt", tensors)
     opt_state = state_from_tensors(opt_tensors, params) if opt_tensors else None
     folder.truncate_metrics("round", int(state["round"]))
-    # the model's own order
-    return {k: saved[k] for k in params}, opt_state, int(state["round"]), state["gamma_star"]
+    # the model's own order, on its device (checkpoints hold CPU tensors)
+    params = {k: saved[k].to(v.device) for k, v in params.items()}
+    return params, opt_state, int(state["round"]), state["gamma_star"]
 
 
 def save_round(folder: RunFolder, params: dict[str, Tensor], rounds_done: int,
@@ -175,14 +176,16 @@ def workers_strategy(strategy: str, runtime: Runtime) -> str:
 
 def train_federated(
     cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-    folder: RunFolder | None = None, runtime: Runtime = CPU_FP32,
+    folder: RunFolder | None = None, runtime: Runtime | None = None,
 ) -> FederatedResult:
-    """Run cfg.federation's rounds in this process on `runtime` (device, precision); returns
-    the final global model."""
+    """Run cfg.federation's rounds in this process on `runtime` (device, precision;
+    default: the config's, resolved); returns the final global model."""
+    runtime = runtime or from_config(cfg)
+    cfg = pinned(cfg, runtime)  # config.yaml records the resolved device and precision
     f = prepare(cfg, runtime=runtime)
     fed: FederationConfig = f.fed
     strategy = workers_strategy(fed.strategy, runtime)  # refuse before any file is written
-    folder = folder or RunFolder.open(cfg, resume=resume)
+    folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
     folder.write_json("runtime.json", runtime.describe())
     if not resume:
         write_partition(folder, f)

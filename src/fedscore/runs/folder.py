@@ -17,6 +17,7 @@ import fedscore
 from fedscore.config import RunConfig, dump_config
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write_json, atomic_write_text, read_jsonl
+from fedscore.runtime import Runtime
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -45,8 +46,10 @@ class RunFolder:
         return self.path / "metrics.jsonl"
 
     @classmethod
-    def open(cls, cfg: RunConfig, *, resume: bool = False, path: Path | None = None) -> RunFolder:
-        """Create (or, with resume, reopen) the run folder and write config + versions.
+    def open(cls, cfg: RunConfig, *, resume: bool = False, path: Path | None = None,
+             runtime: Runtime | None = None) -> RunFolder:
+        """Create (or, with resume, reopen) the run folder and write config + versions
+        (env.json, with the device and precision of `runtime` when given).
 
         A folder that already holds a checkpoint is never overwritten without --resume."""
         folder = cls(Path(path) if path is not None else cfg.run_dir())
@@ -63,7 +66,10 @@ class RunFolder:
             )
         folder.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder.path / "config.yaml", dump_config(cfg))
-        atomic_write_json(folder.path / "env.json", versions())
+        env = versions()
+        if runtime is not None:
+            env["runtime"] = runtime.environment()
+        atomic_write_json(folder.path / "env.json", env)
         return folder
 
     def log(self, record: dict[str, Any]) -> None:

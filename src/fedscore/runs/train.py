@@ -28,7 +28,7 @@ from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import model_score_fn, sample_model
-from fedscore.runtime import CPU_FP32, Runtime
+from fedscore.runtime import Runtime, from_config, pinned
 
 
 @dataclass
@@ -66,12 +66,15 @@ def eval_eq9(cfg: RunConfig, model: nn.Module, x0: Tensor, y: Tensor, times: Ten
 
 def train_central(
     cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-    folder: RunFolder | None = None, indices=None, runtime: Runtime = CPU_FP32,
+    folder: RunFolder | None = None, indices=None, runtime: Runtime | None = None,
 ) -> TrainResult:
     """Train one score model on the training split (or the subset `indices` of it, e.g. one
     agent's partition) on `runtime` (device; the network's passes under its autocast,
-    weights and Adam in fp32); returns the trained model."""
-    folder = folder or RunFolder.open(cfg, resume=resume)
+    weights and Adam in fp32; default: the config's device and precision, resolved);
+    returns the trained model. The run folder's config.yaml records the resolved values."""
+    runtime = runtime or from_config(cfg)
+    cfg = pinned(cfg, runtime)
+    folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
     folder.write_json("runtime.json", runtime.describe())
     images, labels = datasets.load(
         cfg.data.name, split="train", data_root=cfg.data.data_root, download=cfg.data.download
@@ -155,21 +158,22 @@ def train_central(
     if images.ndim == 4:
         write_sample_grid(cfg, model, final, folder.path / "samples.png",
                           sample_shape=tuple(images.shape[1:]), num_classes=num_classes,
-                          progress=progress)
+                          progress=progress, runtime=runtime)
     return TrainResult(folder, model, ema, loss_value, eq9, time.perf_counter() - t0)
 
 
 def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tensor], path: Path,
                       *, sample_shape: tuple[int, ...], num_classes: int, n_per_class: int = 10,
-                      progress: bool = False):
-    """A grid of samples from `weights` (one row per class when conditional) at `path`."""
+                      progress: bool = False, runtime: Runtime | None = None):
+    """A grid of samples from `weights` (one row per class when conditional) at `path`; the
+    model's network runs on `runtime` (where the model lies; default the CPU in fp32)."""
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     model.load_state_dict(weights, strict=False)
     model.eval()
     n = n_per_class * num_classes
     labels = torch.arange(num_classes).repeat_interleave(n_per_class)
     images = sample_model(model, cfg, n, seed=cfg.seed, labels=labels,
-                          sample_shape=sample_shape, progress=progress)
+                          sample_shape=sample_shape, progress=progress, runtime=runtime)
     model.load_state_dict(params, strict=False)
     model.train()
     return image_grid(images, path, nrow=n_per_class, title=f"{cfg.name}: samples by class")
@@ -208,8 +212,9 @@ def _restore(cfg, folder, model, opt, g, ema):
     for group in opt.param_groups:  # a resumed run takes the config's (maybe lowered) lr
         group["lr"] = cfg.train.lr
     g.set_state(tensors["rng/train"])
-    if ema is not None:
-        ema = ckpt.unprefixed("ema", tensors)
+    if ema is not None:  # on the model's device (checkpoints hold CPU tensors)
+        device = next(model.parameters()).device
+        ema = {k: v.to(device) for k, v in ckpt.unprefixed("ema", tensors).items()}
     return int(state["step"]), ema
 
 
