@@ -363,14 +363,30 @@ def flower_run(
         help="Fewer replies than this and a round leaves the model unchanged.")] = 1,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    node_device: Annotated[list[str] | None, typer.Option(
+        help="loopback: SuperNode N trains on DEVICE, as N=DEVICE (e.g. 1=cuda:1); "
+             "repeatable. The others: the config's device.")] = None,
+    client_cpus: Annotated[int | None, typer.Option(
+        help="simulation: CPUs each virtual node reserves (Flower's default 2).")] = None,
+    client_gpus: Annotated[float | None, typer.Option(
+        help="simulation: the fraction of a GPU each virtual node reserves (0.25: four "
+             "nodes share one GPU; 0: GPUs hidden from the nodes).")] = None,
 ) -> None:
     """Run a federated config on Flower on this machine; same run folder as `train`."""
     from fedscore.flower.run import run_flower
 
     cfg = _config(config, set_, out, device, precision)
+    devices = {}
+    for item in node_device or []:
+        n, sep, dev = item.partition("=")
+        if not (sep and n.strip().isdigit() and dev.strip()):
+            raise FedscoreError(f"--node-device {item!r} must look like N=DEVICE, e.g. 1=cuda:1")
+        devices[int(n)] = dev.strip()
     folder = run_flower(cfg, out or cfg.run_dir(), deployment=deployment, nodes=nodes,
                         tls=tls or auth, auth=auth, resume=resume, round_timeout=round_timeout,
-                        start_wait=start_wait, node_wait=node_wait, min_replies=min_replies)
+                        start_wait=start_wait, node_wait=node_wait, min_replies=min_replies,
+                        node_devices=devices or None, client_cpus=client_cpus,
+                        client_gpus=client_gpus)
     typer.echo(f"run folder: {folder}")
 
 

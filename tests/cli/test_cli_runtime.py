@@ -177,3 +177,19 @@ def test_every_shipped_config_names_its_device_and_precision():
         toy = raw["data"]["name"].startswith("gmm:")
         assert raw["device"] == "auto", path.name
         assert raw["precision"] == ("fp32" if toy else "auto"), path.name
+
+
+def test_flower_run_checks_its_device_and_resource_options_before_starting_anything(tmp_path):
+    from fedscore.cli import app
+
+    # in-process the FedscoreError is the result's exception (main() makes it exit code 2)
+    runner = CliRunner()
+    base = ["flower", "run", "--config", "configs/flower-toy.yaml", "--out", str(tmp_path / "f")]
+    bad = runner.invoke(app, [*base, "--node-device", "cuda"])
+    assert isinstance(bad.exception, FedscoreError)
+    assert "must look like N=DEVICE" in str(bad.exception)
+    if not torch.cuda.is_available():
+        gpus = runner.invoke(app, [*base, "--deployment", "simulation", "--client-gpus", "0.5"])
+        assert isinstance(gpus.exception, FedscoreError)
+        assert "no CUDA device" in str(gpus.exception)
+    assert not (tmp_path / "f").exists()

@@ -159,19 +159,19 @@ def progress_hook(bar):
 def workers_strategy(strategy: str, runtime: Runtime) -> str:
     """The engine strategy the workers can run with on `runtime`: torch.func.vmap of grad
     under CPU autocast fails in torch 2.14 ("expected scalar type BFloat16 but found
-    Float"), so a reduced precision on the CPU trains the workers one after another; naming
-    a vectorised strategy there is one clear error instead of torch's."""
+    Float"), so a reduced precision on the CPU trains the workers in a loop ("threads" or
+    "sequential"): "auto" and "chunked" (a GPU memory bound, as the paper configs name it)
+    fall back to that; naming "vmap" there is one clear error instead of torch's."""
     if runtime.precision == "fp32" or runtime.device.type != "cpu":
         return strategy
-    if strategy in ("vmap", "chunked"):
+    if strategy == "vmap":
         raise FedscoreError(
-            f"federation.strategy {strategy!r} cannot train in {runtime.precision} on the CPU "
-            "(vmap under CPU autocast fails in this torch); use strategy: sequential or auto, "
-            "or precision fp32")
-    if strategy == "auto":  # auto's vmap for a small conv-free model would fail here
+            f"federation.strategy 'vmap' cannot train in {runtime.precision} on the CPU "
+            "(vmap under CPU autocast fails in this torch); use strategy: auto, threads or "
+            "sequential, or precision fp32")
+    if strategy in ("auto", "chunked"):
         return "threads" if torch.get_num_threads() > 1 else "sequential"
     return strategy
-
 
 
 def train_federated(
