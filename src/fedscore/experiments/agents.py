@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.config import dump_config, load_config
 from fedscore.errors import FedscoreError, unknown
+from fedscore.federated.engine import in_threads
 from fedscore.inference.agents import (
     COUNTS_FILE,
     REGIMES,
@@ -86,7 +88,7 @@ def train_agents(
     n_workers = 1 if regime == "control" else n_agents
     parts = datasets.partition(labels, REGIMES[regime], n_workers=n_workers, seed=cfg.seed)
     counts = datasets.class_histogram(labels, parts, n_classes=int(labels.max()) + 1)
-    folders, summary = [], []
+    folders, summary, todo = [], [], []
     for j, idx in enumerate(parts):
         agent = cfg.model_copy(update={"name": f"agent-{j:02d}", "out_dir": str(out),
                                        "seed": cfg.seed + j})
@@ -97,14 +99,29 @@ def train_agents(
                 "output folder (--out) or remove it"
             )
         if not (path / "model.safetensors").is_file():
-            resume = (path / "checkpoint.safetensors").is_file()
-            folder = RunFolder.open(agent, resume=resume, path=path, runtime=runtime)
-            atomic_write_text(path / COUNTS_FILE, json.dumps(
-                {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
-            train_central(agent, resume=resume, progress=progress, folder=folder, runtime=runtime,
-                          indices=torch.as_tensor(idx))
+            todo.append((j, agent, path, idx))
         folders.append(path)
         summary.append({"folder": path.name, "class_counts": counts[j].tolist()})
+
+    # On a CPU with more than one core the agents train side by side, one intra-op thread
+    # each (engine.in_threads: a small U-Net's convolutions barely use a second thread);
+    # their progress is one bar over agents then.
+    threads = torch.get_num_threads() if runtime.device.type == "cpu" else 1
+    side_by_side = threads > 1 and len(todo) > 1
+    bar = tqdm(total=len(todo), desc="agents", disable=not (progress and side_by_side))
+
+    def train_one(i: int) -> None:
+        j, agent, path, idx = todo[i]
+        resume = (path / "checkpoint.safetensors").is_file()
+        folder = RunFolder.open(agent, resume=resume, path=path, runtime=runtime)
+        atomic_write_text(path / COUNTS_FILE, json.dumps(
+            {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
+        train_central(agent, resume=resume, progress=progress and not side_by_side,
+                      folder=folder, runtime=runtime, indices=torch.as_tensor(idx))
+        bar.update()
+
+    in_threads(train_one, len(todo), threads)
+    bar.close()
     atomic_write_text(out / "agents.json", json.dumps(
         {"regime": regime, "scheme": REGIMES[regime], "dataset": cfg.data.name,
          "agents": summary}, indent=2))

@@ -8,6 +8,7 @@ builds the same model as every worker.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,13 +29,17 @@ class ModelSpec(Protocol):
     options: dict[str, Any]
 
 
+_GLOBAL_RNG = threading.Lock()  # fork_rng seeds the process-wide generator
+
+
 def build_model_for(
     cfg: ModelSpec, sample_shape: tuple[int, ...], num_classes: int | None, seed: int = 0
 ) -> nn.Module:
     """The score network `cfg` names, sized for items of `sample_shape` ((d,) vectors or
     (C, H, W) images) and `num_classes` labels (ignored unless cfg.conditional), its initial
-    weights drawn from `seed` in a forked RNG, so no global random state is touched."""
-    with torch.random.fork_rng(devices=[]):
+    weights drawn from `seed` in a forked RNG, so no global random state is touched (one
+    thread at a time: agents may be built side by side, `engine.in_threads`)."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _build(cfg, tuple(sample_shape), num_classes)
 
