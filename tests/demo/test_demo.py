@@ -15,7 +15,8 @@ from fedscore.experiments import run_experiment
 
 SECTIONS = ["# fedscore demo", "## Results", "## Verdict", "## Samples", "## Training loss",
             "## Pruning statistics", "## The silos", "## Timings", "## Files"]
-ROWS = ["federated model", "federated inference, mean", "federated inference, mixture",
+ROWS = ["federated model", "federated inference, mean", "federated inference, weighted",
+        "federated inference, mixture",
         "real training digits"]
 
 

@@ -83,10 +83,12 @@ def test_verdicts_say_what_the_numbers_say():
     good = " ".join(demo_verdict(_rows(0.8, 90.0, 60.0), floor=0.5))
     assert "80%" in good and "recognisable digits" in good
     assert "`mixture` beats `mean` on FID (60.0 vs 90.0)" in good
+    assert "the best aggregator by class accuracy is `mixture` (0.60; the FI paper's `mean` " \
+           "0.30)" in good
     assert "0.90 on one agent" in good
     bad = " ".join(demo_verdict(_rows(0.2, 60.0, 90.0, fi_acc=(0.1, 0.12)), floor=0.5))
     assert "below the floor" in bad and "does not beat" in bad
-    assert "Neither aggregator" in bad and "Neither aggregator" not in good
+    assert "No aggregator" in bad and "No aggregator" not in good
 
 
 def _fi(regime, aggregator, fid, unrecognisable, acc=0.8):

@@ -53,3 +53,31 @@ def test_the_runner_refuses_a_dataset_that_is_not_images(tmp_path):
     with pytest.raises(FedscoreError, match="needs an image dataset"):
         run_experiment("pruning", tmp_path, budget="quick", dataset="gmm:ring8",
                        echo=lambda _: None)
+
+
+def test_on_a_gpu_the_demo_takes_its_gpu_budget_unless_a_budget_is_named(tmp_path, monkeypatch):
+    """`make demo` on a machine with CUDA trains the `gpu` budget (the preset's
+    device_budgets); a budget named by the caller wins. Stopped before any training."""
+    import torch
+
+    from fedscore.experiments import runner
+    from fedscore.runtime import Runtime
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(cfg, **_):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(runner, "preset_runtime", lambda p: Runtime(torch.device("cuda")))
+    monkeypatch.setattr(runner, "train_federation", stop)
+    with pytest.raises(Stop):
+        run_experiment("demo", tmp_path, progress=False, echo=lambda _: None)
+    with pytest.raises(Stop):
+        run_experiment("demo", tmp_path, budget="full", progress=False, echo=lambda _: None)
+    gpu, full = seen
+    assert gpu.data.name == "mnist5k" and gpu.federation.rounds == 200  # full resolution
+    assert full.data.name == "mnist5k:14x14" and full.federation.rounds < 200

@@ -113,6 +113,9 @@ class Preset(Strict):
     cells: dict[str, Cell]
     budget: str = ""
     """The budget this preset was resolved with (set by load_preset)."""
+    device_budgets: dict[str, str] = Field(default_factory=dict)
+    """The default budget on a device type ({cuda: gpu}: the demo trains longer on a GPU);
+    a budget named on the command line wins."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Preset:

@@ -256,8 +256,14 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
     report are redone."""
 
     if not isinstance(preset, Preset):
-        preset = load_preset(preset, budget=budget, dataset=dataset, seed=seed,
+        name = preset
+        preset = load_preset(name, budget=budget, dataset=dataset, seed=seed,
                              overrides=overrides)
+        runtime = runtime or preset_runtime(preset)
+        wanted = None if budget else preset.device_budgets.get(runtime.device.type)
+        if wanted and wanted != preset.budget:  # e.g. the demo's longer budget on a GPU
+            preset = load_preset(name, budget=wanted, dataset=dataset, seed=seed,
+                                 overrides=overrides)
     info = datasets.info(preset.dataset)
     if len(info.shape) != 3:
         raise FedscoreError(f"experiment {preset.name!r} needs an image dataset (digits, "
