@@ -20,9 +20,10 @@ peak memory of each (network, precision) is torch.cuda.max_memory_allocated.
 
 On CUDA (or with --extras) it also measures, at fp32:
   (a) strategies: one federated round (N = 10 workers, S local Adam steps at batch
-      --fed-batch, top-k masks of level M) under the engine's "vmap", "chunked" and
-      "sequential" strategies (`federated.run_round`): evidence for the engine's "auto" rule
-      on accelerators (vmap); an out-of-memory is recorded as such;
+      --fed-batch, top-k masks of level M) under the engine's "vmap", "chunked",
+      "sequential" and "threads" strategies (`federated.run_round`): evidence for the
+      engine's "auto" rule (vmap on accelerators, threads on a multi-core CPU); an
+      out-of-memory is recorded as such;
   (b) federated vs centralised: that round under "auto" against the floor, ONE model doing
       N * S plain torch.optim.Adam steps at the same batch on the same samples (target: the
       round <= 1.10 x the floor);
@@ -227,7 +228,7 @@ def federated_round(name, device, steps, batch, repeats) -> dict:
     loss_fn = federated.make_loss_fn(model, lambda net, b: dsm(net, *b, rt))
     out = {"model": name, "workers": WORKERS, "local_steps": steps, "batch": batch,
            "auto": federated.choose_strategy(params)}
-    for strategy in ("vmap", "chunked", "sequential"):
+    for strategy in ("vmap", "chunked", "sequential", "threads"):
         def one(strategy=strategy):
             federated.run_round(params, masks, batches, loss_fn, federated.Adam(lr=LR),
                                 steps=steps, strategy=strategy)
@@ -364,7 +365,7 @@ def main() -> None:
     print("\n".join(table))
     for r in result.get("strategies_and_floor", []):
         cells = ", ".join(f"{s} {r[s] if isinstance(r[s], str) else f'{r[s]:.3f} s'}"
-                          for s in ("vmap", "chunked", "sequential"))
+                          for s in ("vmap", "chunked", "sequential", "threads"))
         print(f"(a) {r['model']} round, N={r['workers']} S={r['local_steps']} "
               f"B={r['batch']}: {cells}; auto -> {r['auto']}")
         ratio = r["round_over_floor"]
