@@ -13,6 +13,7 @@ from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import load_agents, train_agents
 from fedscore.inference.agents import StackedAgents, label_weights
+from fedscore.io import read_jsonl
 from fedscore.models import build_model
 from fedscore.runs.train import load_model
 
@@ -168,6 +169,20 @@ def test_control_has_one_agent_and_finished_agents_are_reused(tmp_path):
     stamp = (only / "model.safetensors").stat().st_mtime_ns
     train_agents(cfg, "control", tmp_path / "ctl", progress=False)
     assert (only / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_an_agent_stopped_before_its_first_checkpoint_starts_over(tmp_path):
+    """Killed after logging but before any checkpoint: no --resume is possible and none is
+    needed; the next run trains it from the start instead of refusing the folder."""
+    cfg = agent_cfg(tmp_path)
+    (only,) = train_agents(cfg, "control", tmp_path / "ctl", progress=False)
+    (only / "model.safetensors").unlink()
+    (only / "checkpoint.safetensors").unlink()  # as if killed between log and checkpoint
+    assert (only / "metrics.jsonl").is_file()
+    train_agents(cfg, "control", tmp_path / "ctl", progress=False)
+    assert (only / "model.safetensors").is_file()
+    steps = [r["step"] for r in read_jsonl(only / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == cfg.train.steps  # one clean log
 
 
 def test_a_moved_agents_folder_is_reused_and_another_config_refused(tmp_path):

@@ -113,6 +113,8 @@ def train_agents(
     def train_one(i: int) -> None:
         j, agent, path, idx = todo[i]
         resume = (path / "checkpoint.safetensors").is_file()
+        if not resume:  # stopped before its first checkpoint: nothing to resume, start over
+            (path / "metrics.jsonl").unlink(missing_ok=True)
         folder = RunFolder.open(agent, resume=resume, path=path, runtime=runtime)
         atomic_write_text(path / COUNTS_FILE, json.dumps(
             {"class_counts": counts[j].tolist(), "n_samples": int(len(idx))}, indent=2))
