@@ -41,11 +41,12 @@ def test_a_budget_is_the_preset_with_its_overrides_merged():
     full, quick = load_preset("demo", budget="full"), load_preset("demo", budget="quick")
     fed_full = full.cell_config("federated", "runs").federation
     fed_quick = quick.cell_config("federated", "runs").federation
-    assert (fed_full.rounds, fed_quick.rounds) == (80, 2)
+    assert (fed_full.rounds, fed_quick.rounds) == (50, 2)
     # what the budget does not name stays the preset's
     assert (fed_quick.policy, fed_quick.level, fed_quick.partition.scheme) == (
         "topk", "M", "dominant")
-    assert quick.cell_config("federated", "runs").model.options == {"base": 8, "groups": 4}
+    assert quick.cell_config("federated", "runs").model.options == {
+        "base": 8, "groups": 4, "num_downsamples": 1}
     # the federated cell samples as the experiment does (`fedscore sample` on its folder)
     sample = quick.cell_config("federated", "runs").sample
     assert (sample.method, sample.steps, sample.clip_denoised) == ("ancestral", 4, True)
@@ -90,7 +91,7 @@ def test_a_bad_preset_is_one_clear_error_naming_the_key(tmp_path, edit, match):
 def test_unknown_presets_and_budgets_name_the_choices(tmp_path):
     with pytest.raises(FedscoreError, match="demo, federated-inference, pruning"):
         load_preset("table-3")
-    with pytest.raises(FedscoreError, match="budget 'huge' of experiment 'demo'.*full, quick"):
+    with pytest.raises(FedscoreError, match="budget 'huge' of experiment 'demo'.*full, gpu, quick"):
         load_preset("demo", budget="huge")
     with pytest.raises(FedscoreError, match="does not exist"):
         load_preset(tmp_path / "missing.yaml")
