@@ -307,6 +307,13 @@ def test_the_threads_strategy_gives_each_thread_its_own_module_and_restores_torc
     assert in_threads(lambda i: (i, torch.get_num_threads()), 3, threads=2) == [
         (0, 1), (1, 1), (2, 1)]  # one intra-op thread per worker inside the pool
     assert torch.get_num_threads() == before
+    # grad mode and autocast are thread-local: the pool runs in the caller's (a sampler's
+    # no_grad + bf16 autocast reaches the agents it evaluates side by side)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        modes = in_threads(lambda i: (torch.is_grad_enabled(),
+                                      (torch.ones(2, 2) @ torch.ones(2, 2)).dtype), 2, threads=2)
+    assert modes == [(False, torch.bfloat16)] * 2
+    assert in_threads(lambda i: torch.is_grad_enabled(), 2, threads=2) == [True, True]
 
 
 def test_bad_round_arguments_are_refused():

@@ -50,6 +50,7 @@ Optimiser state is one shape throughout: flat tensors with the worker axis leadi
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -93,16 +94,29 @@ def choose_strategy(params: Params, n: int = 2) -> str:
 def in_threads(fn, n: int, threads: int | None = None) -> list:
     """[fn(0), ..., fn(n - 1)] computed by a pool of `threads` Python threads (default
     torch.get_num_threads()), each op running on ONE intra-op thread (torch releases the GIL
-    inside ops; the setting is process-wide and restored after). threads <= 1: a plain loop.
+    inside ops; the setting is process-wide and restored after), each thread in the caller's
+    grad mode and autocast. threads <= 1: a plain loop.
     fn must be safe to run in several threads at once (`local.thread_replicas`)."""
     threads = torch.get_num_threads() if threads is None else threads
     if threads <= 1 or n <= 1:
         return [fn(i) for i in range(n)]
+    # grad mode and autocast are thread-local: the pool's threads run in the caller's
+    # (a sampler's no_grad + bf16 autocast must not silently become grad + fp32)
+    grad = torch.is_grad_enabled()
+    casts = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+             if torch.is_autocast_enabled(d)]
+
+    def in_caller_modes(i: int):
+        with torch.set_grad_enabled(grad), contextlib.ExitStack() as stack:
+            for device_type, dtype in casts:
+                stack.enter_context(torch.autocast(device_type=device_type, dtype=dtype))
+            return fn(i)
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(min(threads, n), thread_name_prefix="fedscore") as pool:
-            return list(pool.map(fn, range(n)))
+            return list(pool.map(in_caller_modes, range(n)))
     finally:
         torch.set_num_threads(before)
 
