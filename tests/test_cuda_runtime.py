@@ -10,19 +10,12 @@ from fedscore.config import load_config
 from fedscore.federated.setup import prepare, worker_round
 from fedscore.runs.federated import train_federated
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("exact_fp32")]  # tests/conftest.py
 
 CUDA = runtime.Runtime(torch.device("cuda"), "fp32")
 # TF32 matmuls (allowed by some torch builds / settings) round to ~1e-3; the checks are fp32
 TOL = {"rtol": 2e-4, "atol": 2e-5}
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def fed_cfg(tmp_path, name="cuda", **fed):

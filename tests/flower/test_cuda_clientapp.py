@@ -13,15 +13,8 @@ from flwr.app import RecordDict  # noqa: E402
 from fedscore.config import load_config  # noqa: E402
 from fedscore.federated.setup import model_setup  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("exact_fp32")]  # tests/conftest.py
 
 
 def test_a_cuda_supernode_replies_in_cpu_fp32_like_a_cpu_one():
