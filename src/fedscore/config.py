@@ -8,16 +8,41 @@ folder, so a run can be repeated from its folder alone.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from fedscore.errors import FedscoreError
 
 
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads `true` as 1 for a number: `train.steps=true` would run one
+    # step; a boolean where a number belongs is a mistake, say so
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Run names: one folder name under `out_dir` (letters, digits, '.', '_', '-'; no path
+separators, not '.' or '..'), so a name never writes outside its output folder."""
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr=.inf` or `diffusion.T=.nan` is refused at the edge
+    # instead of training a model of NaNs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -39,9 +64,9 @@ class ModelConfig(Strict):
 
 class DiffusionConfig(Strict):
     grid: Literal["uniform", "exponential", "ddpm-linear"] = "exponential"
-    steps: int = Field(100, ge=1)
-    T: float | None = Field(5.0, gt=0)
-    delta: float | None = Field(1e-3, gt=0)
+    steps: Int = Field(100, ge=1)
+    T: Float | None = Field(5.0, gt=0)
+    delta: Float | None = Field(1e-3, gt=0)
     parameterisation: Literal["eps", "score"] = "eps"
     weighting: Literal["paper", "eps"] = "eps"
 
@@ -63,15 +88,15 @@ class DiffusionConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(2000, ge=1)
+    steps: Int = Field(2000, ge=1)
     """Optimiser steps of centralised training."""
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    batch_size: Int = Field(256, ge=1)
+    lr: Float = Field(2e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
-    ema_decay: float | None = Field(None, ge=0, lt=1)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    eval_batch: int = Field(512, ge=1)
+    ema_decay: Float | None = Field(None, ge=0, lt=1)
+    checkpoint_every: Int = Field(500, ge=1)
+    log_every: Int = Field(50, ge=1)
+    eval_batch: Int = Field(512, ge=1)
     """Size of the fixed held-out batch on which eq. 9 is reported."""
 
 
@@ -80,8 +105,8 @@ class SampleConfig(Strict):
         "exp-integrator"
     )
     grid: Literal["uniform", "exponential", "ddpm-linear"] = "exponential"
-    steps: int = Field(100, ge=1)
-    n: int = Field(2000, ge=1)
+    steps: Int = Field(100, ge=1)
+    n: Int = Field(2000, ge=1)
     clip_denoised: bool = False
     """Clip the denoised estimate of x_0 to [-1, 1] at every step (diffusion.clip_denoised;
     images only)."""
@@ -89,34 +114,38 @@ class SampleConfig(Strict):
 
 class PartitionConfig(Strict):
     scheme: Literal["iid", "dirichlet", "shards", "homogeneous", "dominant", "all"] = "iid"
-    alpha: float = Field(0.5, gt=0)
+    alpha: Float = Field(0.5, gt=0)
     """Dirichlet concentration (scheme: dirichlet)."""
-    classes_per_worker: int = Field(2, ge=1)
+    classes_per_worker: Int = Field(2, ge=1)
     """Classes per worker (scheme: shards)."""
 
 
 class FederationConfig(Strict):
     """Federated training with arbitrary pruning (SPEC §2, eqs. 7-8)."""
 
-    workers: int = Field(10, ge=1)
-    rounds: int = Field(20, ge=1)
-    local_steps: int = Field(5, ge=1)
+    workers: Int = Field(10, ge=1)
+    rounds: Int = Field(20, ge=1)
+    local_steps: Int = Field(5, ge=1)
     """S, in optimiser steps; `local_epochs` overrides it when set."""
-    local_epochs: float | None = Field(None, gt=0)
+    local_epochs: Float | None = Field(None, gt=0)
     """S in passes over the worker's data: S = ceil(epochs * n_worker / batch_size)."""
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: Int = Field(32, ge=1)
+    lr: Float = Field(1e-3, gt=0)
     optimizer: Literal["sgd", "adam"] = "adam"
     adam_state: Literal["keep", "reset"] = "reset"
     """Adam moments per worker kept across rounds, or reset every round."""
     policy: Literal["full", "random", "topk"] = "topk"
     level: Literal["F", "L", "M", "S"] | None = "M"
-    keep_ratios: list[float] | None = None
+    keep_ratios: list[Float] | None = None
     """Explicit keep ratio per worker (overrides `level`)."""
     uncovered: Literal["keep", "zero", "error"] = "keep"
     strategy: Literal["auto", "vmap", "chunked", "sequential", "threads"] = "auto"
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    eval_every: int = Field(1, ge=1)
+    max_update_norm: Float | None = Field(None, gt=0)
+    """Optional bound on the L2 norm of a worker's update (its kept values minus theta_q's);
+    a reply beyond it is dropped and logged like any other invalid reply (a finite but
+    hostile update). None: no bound."""
+    eval_every: Int = Field(1, ge=1)
     """Rounds between held-out eq. 9 evaluations (the last round is always evaluated); each
     costs about as much as a few local steps of every worker."""
 
@@ -142,15 +171,16 @@ class TheoryConfig(Strict):
     """Opt-in measurement of Theorem 1's constants during federated training."""
 
     estimate: bool = False
-    every: int = Field(10, ge=1)
+    every: Int = Field(10, ge=1)
     """Observe the constants every `every` rounds (and at the end)."""
-    full_batch: int = Field(512, ge=1)
+    full_batch: Int = Field(512, ge=1)
     """Samples per worker for the "full" gradients (in chunks of at most 256)."""
 
 
 class RunConfig(Strict):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", pattern=NAME_PATTERN)
+    """The run folder's name under `out_dir`: letters, digits, '.', '_', '-'."""
+    seed: Int = Field(0, ge=0)
     out_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -179,7 +209,11 @@ def describe(err: ValidationError, source: str) -> str:
             continue  # the "none" branch of a `none | settings` union: not what was meant
         # pydantic names union branches and validators in the path; users name fields
         field = ".".join(str(p) for p in e["loc"] if "[" not in str(p)) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "string_pattern_mismatch" and field == "name":
+            lines.append(f"  name: a run name is one folder name: letters, digits, '.', '_' "
+                         f"and '-', starting with a letter or digit (got {e.get('input')!r}); "
+                         "choose the parent folder with --out")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key (check its spelling)")
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")

@@ -15,8 +15,10 @@ DATA = 1
 
 
 def seed_for(run_seed: int, round_: int, worker: int, stream: int) -> int:
-    """A distinct, reproducible seed for (run seed, round, worker, stream)."""
-    return ((run_seed * 1_000_003 + round_) * 10_007 + worker) * 7 + stream
+    """A distinct, reproducible seed for (run seed, round, worker, stream), in
+    torch.Generator's range (reduced mod 2^63: unchanged for every seed below ~2^20, and a
+    large run seed no longer overflows `manual_seed`)."""
+    return (((run_seed * 1_000_003 + round_) * 10_007 + worker) * 7 + stream) % (1 << 63)
 
 
 def step_seed(run_seed: int, round_: int, worker: int, step: int) -> int:
