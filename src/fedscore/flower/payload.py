@@ -123,12 +123,19 @@ def add_to_sums(
     """Add one reply into eq. 8's running sums and counts, in place (mergeable statistic);
     returns the reply's masks."""
     masks = decode_masks(arrays, kinds, sums, regenerate)
-    kept = _kept_values(arrays, masks, sums)
+    add_kept(sums, counts, masks, _kept_values(arrays, masks, sums))
+    return masks
+
+
+def add_kept(sums: dict[str, Tensor], counts: dict[str, Tensor], masks: dict[str, Tensor],
+             kept: dict[str, Tensor]) -> None:
+    """Eq. 8's running sums and counts plus one worker's kept values (in mask order) at its
+    kept coordinates, in place. The transport calls it only with a reply `flower.validate`
+    has checked whole, so a bad reply never adds a part of itself."""
     for name in sums:
         m = masks[name].reshape(-1)
         sums[name].view(-1)[m] += kept[name].to(sums[name].dtype)
         counts[name].view(-1)[m] += 1
-    return masks
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:

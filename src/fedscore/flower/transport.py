@@ -1,7 +1,7 @@
 """The Flower transport of the round loop (`federated.loop.Transport`): one round is one
 push of theta_q to every connected SuperNode and a bounded pull of their replies, each
 reply checked against what its worker was sent and then added into eq. 8's running sums
-and counts (`payload.add_to_sums`, never a dense copy of a pruned worker's model).
+and counts (`payload.add_kept`, never a dense copy of a pruned worker's model).
 
 Why our own push/pull rather than `flwr.serverapp.strategy.FedAvg`: the strategy's loop
 knows nothing of masks or degraded rounds, its `send_and_receive` polls every 3 s and drops
@@ -10,17 +10,18 @@ polled every `poll` seconds.
 
 A reply is dropped, its reason logged with the round, and the round goes on without it when:
 its Flower message carries an error (the node died, its ClientApp raised), it arrives after
-`round_timeout`, its worker id is out of range or already answered, or its payload does not
-fit the model it was sent (wrong sizes, unknown mask kinds, non-finite values).
+`round_timeout`, it does not fit what its worker was sent (`flower.validate`: layout, sizes,
+dtypes, masks against the worker's policy and keep ratio, finite values, the optional
+update-norm bound), or its partition id is not its node's (`FlowerTransport.bind`). A reply
+is checked whole before anything of it is added to the sums, and whatever a check raises
+drops that reply only.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -29,8 +30,8 @@ from torch import Tensor
 from fedscore.errors import FedscoreError
 from fedscore.federated.loop import RoundOutcome
 from fedscore.federated.setup import ModelSetup
-from fedscore.flower import payload
-from fedscore.flower.records import flat_record, record_to_numpy
+from fedscore.flower import payload, validate
+from fedscore.flower.records import flat_record
 
 Params = dict[str, Tensor]
 
@@ -93,6 +94,9 @@ class FlowerTransport:
     poll: float = 0.5
     folder_hint: str = ""
     _first: bool = field(default=True, init=False)
+    # partition binding (`bind`): partition id -> node id and back, from accepted replies
+    _node_of: dict[int, int] = field(default_factory=dict, init=False)
+    _partition_of: dict[int, int] = field(default_factory=dict, init=False)
 
     def run_round(self, q: int, params: Params) -> RoundOutcome:
         fed = self.setup.fed
@@ -111,28 +115,45 @@ class FlowerTransport:
                             group_id=str(q)) for node in nodes]
         replies, failures = exchange(self.grid, messages, self.round_timeout, self.poll)
         t_replies = time.perf_counter() - t0
+        return self.collect(q, params, nodes, replies, failures, t_replies)
+
+    def expected(self, q: int, params: Params) -> validate.Expected:
+        """What every reply of round q must fit (`flower.validate`)."""
+        fed = self.setup.fed
+
+        def regenerate(pid: int) -> Params:  # seeded masks: regenerated, nothing was sent
+            return {k: v[0] for k, v in self.setup.masks(params, q, [pid]).items()}
+
+        theta = {k: v.detach().to("cpu", torch.float32) for k, v in params.items()}
+        return validate.Expected(q, theta, fed.policy, list(self.setup.ratios), regenerate,
+                                 fed.max_update_norm)
+
+    def collect(self, q: int, params: Params, nodes: list[int], replies: dict[int, Message],
+                failures: dict[int, str], t_replies: float = 0.0) -> RoundOutcome:
+        """Round q's outcome from the replies of `nodes` (the SuperNodes it was pushed to):
+        every reply checked whole (`validate.check_reply`), partition ids checked against
+        the nodes they are bound to (`bind`), and only then the accepted ones added into
+        eq. 8's sums. A reply that fails is dropped with its reason in `failures`."""
+        fed = self.setup.fed
+        expect = self.expected(q, params)
+        checked = {}
+        for node, reply in sorted(replies.items()):
+            try:
+                checked[node] = validate.check_reply(reply, expect)
+            except Exception as err:
+                # hostile bytes may raise anything (numpy on a forged .npy header, Flower on
+                # a foreign record); whatever it is, it is this reply's fault: drop it, log
+                # why, keep the run going
+                failures[node] = f"reply rejected: {_reason(err)}"
+        accepted = self.bind(checked, nodes, failures)
 
         sums = {k: torch.zeros_like(v) for k, v in params.items()}
         counts = {k: torch.zeros(v.shape, dtype=torch.long) for k, v in params.items()}
-        masks, arrived, losses, up, train_s, start_s, devices = [], [], [], [], [], [], []
-        for node, reply in sorted(replies.items()):
-            try:
-                pid, arrays, kinds, loss, seconds = self._read(reply, q, params, arrived)
-                start = float(reply.content["metrics"].get("process-age-seconds", float("nan")))
-                regen = None
-                if fed.policy == "random":  # seeded masks: regenerate, nothing was sent
-                    regen = {k: v[0] for k, v in self.setup.masks(params, q, [pid]).items()}
-                masks.append(payload.add_to_sums(sums, counts, arrays, kinds, regen))
-            except (FedscoreError, KeyError, ValueError, TypeError) as err:
-                failures[node] = f"reply rejected: {err}"
-                continue
-            arrived.append(pid)
-            losses.append(loss)
-            train_s.append(seconds)
-            start_s.append(start)
-            up.append(payload.nbytes(arrays))
-            devices.append(_runtime_of(reply))
-
+        for r in accepted:
+            payload.add_kept(sums, counts, r.masks, r.kept)
+        arrived = [r.pid for r in accepted]
+        up = [r.nbytes for r in accepted]
+        train_s = [r.train_seconds for r in accepted]
         dense = sum(v.numel() * v.element_size() for v in params.values())
         record = {
             "replies": len(arrived), "workers": sorted(arrived),
@@ -140,40 +161,60 @@ class FlowerTransport:
             "failed": {str(k): v for k, v in failures.items()},
             "degraded": len(arrived) < len(nodes) or len(nodes) < fed.workers,
             "seconds_replies": t_replies, "worker_train_seconds": train_s,
-            "worker_startup_seconds": start_s, "worker_devices": devices,
+            "worker_startup_seconds": [r.startup_seconds for r in accepted],
+            "worker_devices": [r.device for r in accepted],
             "overhead_seconds": t_replies - max(train_s, default=0.0),
             "bytes_up": up, "bytes_up_total": sum(up), "bytes_down_total": dense * len(nodes),
             "bytes_dense_fedavg_up_total": dense * len(arrived),
         }
         enough = len(arrived) >= self.min_replies
         return RoundOutcome(sums=sums if enough else None, counts=counts if enough else None,
-                            masks=masks, workers=arrived, worker_loss=losses, record=record)
+                            masks=[r.masks for r in accepted], workers=arrived,
+                            worker_loss=[r.loss for r in accepted], record=record)
 
-    def _read(self, reply: Message, q: int, params: Params, arrived: list[int]):
-        """(worker id, payload arrays, mask kinds, loss, train seconds) of a reply, checked
-        against what its worker was sent: a FedscoreError names what does not fit."""
-        meta = reply.content["meta"]
-        pid = int(meta["partition-id"])
-        if not 0 <= pid < self.setup.fed.workers:
-            raise FedscoreError(f"partition-id {pid} is not a worker of this run")
-        if pid in arrived:
-            raise FedscoreError(f"duplicate partition-id {pid}")
-        if int(meta["round"]) != q:
-            raise FedscoreError(f"answers round {int(meta['round']) + 1}, not {q + 1}")
-        arrays = record_to_numpy(reply.content["payload"])
-        if not np.isfinite(arrays["values"]).all():
-            raise FedscoreError("non-finite values")
-        kinds = json.loads(str(meta["kinds"]))
-        metrics = reply.content["metrics"]
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-            raise FedscoreError(f"non-finite loss {loss}")
-        return pid, arrays, kinds, loss, float(metrics.get("train-seconds", float("nan")))
+    def bind(self, checked: dict[int, validate.Checked], nodes: list[int],
+             failures: dict[int, str]) -> list[validate.Checked]:
+        """The replies whose partition id belongs to their node, in node order; the others
+        go to `failures`. A node is bound to the partition of its first accepted reply and
+        keeps it: a node claiming another partition is dropped, and so is a node claiming a
+        partition bound to another node that is still connected (an impersonator cannot
+        push the honest worker out). When several nodes claim one unbound partition in the
+        same round, none of them is accepted or bound (the server cannot tell which is the
+        worker); a partition whose node has left is bound to the next node that claims it.
+        Only SuperNode authentication (`--auth`) keeps unknown nodes out altogether."""
+        claims: dict[int, list[int]] = {}
+        for node, r in checked.items():
+            bound = self._partition_of.get(node)
+            if bound is not None and bound != r.pid:
+                failures[node] = (f"reply rejected: node {node} is bound to partition-id "
+                                  f"{bound}, its reply claims {r.pid}")
+            else:
+                claims.setdefault(r.pid, []).append(node)
+        accepted = []
+        for pid, claimers in sorted(claims.items()):
+            owner = self._node_of.get(pid)
+            if owner is not None and owner not in nodes:  # left the federation: unbind
+                del self._node_of[pid], self._partition_of[owner]
+                owner = None
+            if owner is not None:
+                winners = [n for n in claimers if n == owner]
+                why = f"partition-id {pid} is bound to node {owner}, which is still connected"
+            elif len(claimers) == 1:
+                winners = claimers
+            else:
+                winners = []
+                why = (f"partition-id {pid} claimed by nodes {sorted(claimers)} in one round; "
+                       "none is bound to it, none is accepted")
+            for node in claimers:
+                if node not in winners:
+                    failures[node] = f"reply rejected: {why}"
+            for node in winners:
+                self._node_of[pid], self._partition_of[node] = node, pid
+                accepted.append(checked[node])
+        return sorted(accepted, key=lambda r: self._node_of[r.pid])
 
 
-def _runtime_of(reply: Message) -> str:
-    """"device/precision" a worker trained on, as its reply says ("" from older workers)."""
-    if "runtime" not in reply.content:
-        return ""
-    rt = reply.content["runtime"]
-    return f"{rt.get('device', '?')}/{rt.get('precision', '?')}"
+def _reason(err: Exception) -> str:
+    """One line for the round record: our own message, or the exception's type and text."""
+    text = " ".join(str(err).split())[:300]
+    return text if isinstance(err, FedscoreError) else f"{type(err).__name__}: {text}"
