@@ -270,10 +270,9 @@ def test_a_stranger_claiming_a_bound_worker_is_dropped_and_the_owner_kept(topk, 
     assert_unharmed(out, alone)
 
 
-@pytest.mark.parametrize("policy", ["topk", "random"])
-def test_a_random_worker_must_send_its_seed_not_bits_or_a_full_mask(policy):
+def test_a_random_worker_must_send_its_seed_not_bits_or_a_full_mask():
     """A random worker's mask is regenerated from its seed; one that sends bits (even the
-    true ones) or claims a full mask is dropped. A top-k worker must send bits."""
+    true ones) or claims a full mask is dropped."""
     r = Round("random")
     honest = r.reply(1)
     bits = Round("topk").reply(1)  # a payload with packed bits of the right size
