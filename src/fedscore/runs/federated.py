@@ -81,6 +81,7 @@ def resume_state(folder: RunFolder, params: dict[str, Tensor]):
                            ) from None
     folder.truncate_metrics("round", int(state["round"]))
     folder.good_checkpoint = int(state["round"])
+    folder.confirm()  # restored whole: config.yaml may now describe the resumed run
     # the model's own order, on its device (checkpoints hold CPU tensors)
     params = {k: saved[k].to(v.device) for k, v in params.items()}
     return params, opt_state, int(state["round"]), state["gamma_star"]

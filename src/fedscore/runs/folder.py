@@ -118,6 +118,7 @@ class RunFolder:
     _lock: Any = field(default=None, repr=False, compare=False)
     _loaded: Any = field(default=None, repr=False, compare=False)
     _run_info: dict = field(default_factory=dict, repr=False, compare=False)
+    _pending: Any = field(default=None, repr=False, compare=False)
 
     @property
     def checkpoint(self) -> Path:
@@ -155,18 +156,28 @@ class RunFolder:
                 folder._check_resume(cfg, prior)
             else:
                 folder._check_fresh(prior)
-            # every check passed: only now does the folder change
-            atomic_write_text(folder.path / "config.yaml", dump_config(cfg))
             env = versions()
             if runtime is not None:
                 env["runtime"] = runtime.environment()
-            atomic_write_json(folder.path / "env.json", env)
+            folder._pending = (dump_config(cfg), env)
+            if not resume:  # every check passed: only now do the run's files change
+                folder.confirm()
             folder._write_state("running", resumed=resume,
                                 previous=(prior or {}).get("state"))
         except BaseException:
             folder.release()
             raise
         return folder
+
+    def confirm(self) -> None:
+        """Write config.yaml and env.json. A resume calls this once its checkpoint is
+        restored (model, optimiser, generator), so a resume that fails at any point leaves
+        config.yaml describing the checkpoint's run."""
+        if self._pending is not None:
+            text, env = self._pending
+            atomic_write_text(self.path / "config.yaml", text)
+            atomic_write_json(self.path / "env.json", env)
+            self._pending = None
 
     # ------------------------------------------------------------ state and lock
 
@@ -219,6 +230,7 @@ class RunFolder:
             self._lock = None
 
     def finish(self) -> None:
+        self.confirm()
         self._write_state("finished")
         self.release()
 
@@ -338,6 +350,8 @@ class RunFolder:
         it is cut off when the log is truncated to the checkpoint)."""
         if not isinstance(logged, int) or logged <= 0:
             return  # a checkpoint from before records were counted, or nothing logged yet
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size == 0:
+            return  # emptied on purpose: the documented way to accept the lost records
         if not self.metrics_path.is_file():
             raise FedscoreError(
                 f"cannot resume {str(self.path)!r}: metrics.jsonl is missing but the checkpoint "

@@ -294,6 +294,7 @@ def _restore(cfg, folder, model, opt, g, ema):
         if set(ema) != names:
             raise ckpt.corrupt(folder.checkpoint, "its EMA does not match the model's "
                                                   "parameters")
+    folder.confirm()  # restored whole: config.yaml may now describe the resumed run
     return state["step"], ema
 
 
