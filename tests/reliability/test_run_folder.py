@@ -379,3 +379,32 @@ def test_a_full_disk_while_checkpointing_is_one_message_and_the_checkpoint_is_in
     train_central(cfg, resume=True, progress=False)  # space freed: resume finishes it
     train_central(changed(cfg, name="whole"), progress=False)
     assert same_weights(tmp_path / "run", tmp_path / "whole")
+
+
+# ---------------------------------------------------------------- the Flower launcher's check
+
+
+def test_flower_run_reports_the_servers_result_not_a_previous_runs(tmp_path):
+    """`fedscore flower run` into a finished folder used to exit 0 because flower.json (left
+    by the previous run) existed. The launcher now reads state.json's token: only the state
+    THIS run's ServerApp wrote counts, and a refusal carries the server's own line."""
+    from fedscore.flower.run import server_result, server_settings
+    from fedscore.flower.server_app import token_of
+
+    cfg = toy_cfg(tmp_path)
+    settings = server_settings(cfg, tmp_path / "run")
+    token = token_of(settings["config"])
+    assert token and token in settings["config"].splitlines()[-1]
+    folder = RunFolder.open(cfg, token="earlier")
+    folder.write_json("flower.json", {"finished": True})
+    folder.finish()
+    refused = "[fedscore] refused: '/x' holds a finished run; ...\n"
+    with pytest.raises(FedscoreError, match="did not run: refused: '/x' holds a finished run"):
+        server_result(folder.path, token, refused, tmp_path / "run.log")
+    folder = RunFolder.open(cfg, token=token)  # no checkpoint yet: a fresh run may start
+    folder.fail("federated training diverged in round 2")
+    with pytest.raises(FedscoreError, match="server run failed: federated training diverged"):
+        server_result(folder.path, token, "", tmp_path / "run.log")
+    folder = RunFolder.open(cfg, token=token)
+    folder.finish()
+    server_result(folder.path, token, "", tmp_path / "run.log")  # this run finished: no error
