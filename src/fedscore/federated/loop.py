@@ -101,7 +101,7 @@ def run_rounds(
     gamma_star: int | None = None,
     uncovered: str = "keep",
     hooks: Sequence[RoundHook] = (),
-    diverged_hint: str = "",
+    diverged_hint: str | Callable[[], str] = "",
 ) -> LoopResult:
     """Rounds start..rounds-1 of eqs. 7-8 over `transport`; returns theta_Q and Gamma*.
 
@@ -109,7 +109,8 @@ def run_rounds(
     uncovered: what eq. 8 does with a coordinate no answering worker kept ("keep" theta_q's
     value, "zero", "error"); hooks: called in order after every round; diverged_hint: the
     end of the error message when a worker's loss or the new model is not finite (e.g.
-    where the last good checkpoint is and which setting to lower)."""
+    where the last good checkpoint is and which setting to lower), or a callable giving it
+    at that moment (the good checkpoint changes as rounds are saved)."""
     record = None
     for q in range(start, rounds):
         t0 = time.perf_counter()
@@ -117,13 +118,8 @@ def run_rounds(
         record = {"round": q + 1}
         before = params
         if out.sums is not None:
-            bad = [n for n, v in zip(out.workers, out.worker_loss) if not math.isfinite(v)]
             new, coverage = finish(params, out.sums, out.counts, uncovered)
-            if bad or not all(bool(torch.isfinite(v).all()) for v in new.values()):
-                raise DivergenceError(
-                    f"federated training diverged in round {q + 1}: worker(s) {bad or 'all'} "
-                    f"produced a non-finite loss or parameters. {diverged_hint}".rstrip()
-                )
+            diverged(q, out, new, diverged_hint)
             stats = round_stats(params, out.masks, coverage)  # w^2 of theta_q
             params = new
             gamma_star = (stats["min_coverage"] if gamma_star is None
@@ -140,3 +136,21 @@ def run_rounds(
         for hook in hooks:
             hook(event)
     return LoopResult(params, gamma_star, record)
+
+
+def diverged(q: int, out: RoundOutcome, new: Params, hint: str | Callable[[], str]) -> None:
+    """Refuse a non-finite theta_{q+1}: a DivergenceError naming the cause (workers whose
+    local loss was not finite, or parameters that overflowed in the update) and the hint.
+    Nothing after this point (hooks, checkpoints) ever sees a non-finite model."""
+    bad_loss = [n for n, v in zip(out.workers, out.worker_loss) if not math.isfinite(v)]
+    bad_params = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+    if not bad_loss and not bad_params:
+        return
+    hint = hint() if callable(hint) else hint
+    if bad_loss:
+        cause = f"worker(s) {bad_loss} produced a non-finite local loss"
+    else:
+        cause = (f"the parameters became non-finite ({bad_params[0]!r}, ...) although every "
+                 "local loss was finite: the update overflowed")
+    raise DivergenceError(
+        f"federated training diverged in round {q + 1}: {cause}. {hint}".rstrip())

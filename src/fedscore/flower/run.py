@@ -15,6 +15,9 @@ adds sparse replies into eq. 8's sums, a few vector operations per round.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import uuid
 from pathlib import Path
 
 import torch
@@ -22,18 +25,45 @@ import torch
 from fedscore.config import FederationConfig, RunConfig, dump_config
 from fedscore.errors import FedscoreError
 from fedscore.flower.launch import LocalFlowerCluster, tail
+from fedscore.flower.server_app import TOKEN_LINE, token_of
 
 DEPLOYMENTS = ("loopback", "simulation")
 
 
 def server_settings(cfg: RunConfig, out: Path, *, resume: bool = False,
                     round_timeout: float = 600.0, start_wait: float = 120.0,
-                    node_wait: float = 10.0, min_replies: int = 1) -> dict:
-    """The run config handed to `flwr run` (keys of server_app.ServerSettings)."""
-    return {"config": dump_config(cfg), "out": str(Path(out).resolve()), "resume": resume,
+                    node_wait: float = 10.0, min_replies: int = 1,
+                    token: str | None = None) -> dict:
+    """The run config handed to `flwr run` (keys of server_app.ServerSettings). `token`
+    (default: a fresh one) is written into the run folder's state.json by the ServerApp, so
+    the launcher can tell this run's result from a previous run's; it travels as a comment
+    line of the config text (`server_app.TOKEN_LINE`), since Flower refuses run-config
+    keys the app's pyproject does not declare."""
+    text = dump_config(cfg) + f"{TOKEN_LINE}{token or uuid.uuid4().hex}\n"
+    return {"config": text, "out": str(Path(out).resolve()), "resume": resume,
             "round-timeout": float(round_timeout), "start-wait": float(start_wait),
             "node-wait": float(node_wait),
             "min-replies": int(min_replies)}
+
+
+def server_result(out: Path, token: str, output: str, log: Path) -> None:
+    """Raise unless the ServerApp of run `token` finished: state.json must carry this
+    token and state "finished" (a flower.json left by an earlier run proves nothing). The
+    error carries the server's own reason (its `[fedscore] refused/failed:` log line, or
+    the failed state's reason)."""
+    state = {}
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((Path(out) / "state.json").read_text())
+    if isinstance(state, dict) and state.get("token") == token:
+        if state.get("state") == "finished":
+            return
+        reason = state.get("reason") or f"it is still marked {state.get('state')!r}"
+        raise FedscoreError(f"the Flower server run failed: {reason}")
+    # this run's own output (the log file also holds earlier runs')
+    said = [line.split("[fedscore] ", 1)[1] for line in output.splitlines()
+            if "[fedscore] refused:" in line or "[fedscore] failed:" in line]
+    reason = said[-1] if said else f"it ended without finishing; logs:\n{tail(log)}"
+    raise FedscoreError(f"the Flower server did not run: {reason}")
 
 
 def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
@@ -83,11 +113,9 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
                             tls=tls, auth=auth, devices=dict(node_devices or {}),
                             client_cpus=client_cpus, client_gpus=client_gpus) as fed:
         done = fed.run_app(settings, stream=stream)
-    if not (out / "flower.json").is_file():
-        raise FedscoreError(
-            f"the Flower run ended without finishing (flwr run exit {done.returncode}); "
-            f"logs under {home / 'logs'}:\n{tail(home / 'logs' / 'run.log')}"
-        )
+    # the folder's state as THIS run's server left it (its token), not a previous run's
+    server_result(out, token_of(settings["config"]), done.stdout or "",
+                  home / "logs" / "run.log")
     return out
 
 

@@ -23,6 +23,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedscore.config import config_from_text
+from fedscore.errors import FedscoreError
 from fedscore.federated.loop import RoundEvent, run_rounds
 from fedscore.federated.setup import model_setup
 from fedscore.flower.transport import FlowerTransport
@@ -52,6 +53,18 @@ class ServerSettings:
         return cls(**{f: rc[k] for f, k in keys.items() if k in rc})
 
 
+TOKEN_LINE = "# fedscore-run-token: "
+"""The config text's last line carries the launch's run token (a YAML comment: the config
+itself is unchanged), recorded in state.json so `flower.run` can tell this run's result."""
+
+
+def token_of(config_text: str) -> str | None:
+    for line in config_text.splitlines():
+        if line.startswith(TOKEN_LINE):
+            return line[len(TOKEN_LINE):].strip() or None
+    return None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_server(grid, ServerSettings.from_run_config(dict(context.run_config)))
@@ -72,11 +85,27 @@ def print_hook(rounds: int):
 
 
 def run_server(grid: Grid, s: ServerSettings) -> Path:
-    """The federated run of config `s.config` over the SuperNodes of `grid`."""
-    cfg = config_from_text(s.config)
-    setup = model_setup(cfg)
+    """The federated run of config `s.config` over the SuperNodes of `grid`, in a run folder
+    opened (locked, checked, state "running") like the in-process engine's and marked
+    finished or failed (with the reason) at the end. A refusal or failure is also one
+    `[fedscore] ...` line on the server's log, for the launcher to report."""
+    try:
+        cfg = config_from_text(s.config)
+        setup = model_setup(cfg)
+        folder = RunFolder.open(cfg, resume=s.resume, path=Path(s.out), token=token_of(s.config))
+    except FedscoreError as err:
+        print(f"[fedscore] refused: {err}", flush=True)
+        raise
+    try:
+        with folder.guard():
+            return _serve(grid, s, setup, folder)
+    except Exception as err:
+        print(f"[fedscore] failed: {err}", flush=True)
+        raise
+
+
+def _serve(grid: Grid, s: ServerSettings, setup, folder: RunFolder) -> Path:
     fed = setup.fed
-    folder = RunFolder.open(cfg, resume=s.resume, path=Path(s.out))
     params, start, gamma_star = setup.init_params, 0, None
     if s.resume:
         params, _, start, gamma_star = resume_state(folder, params)
@@ -88,6 +117,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
     out = run_rounds(
         params, transport, rounds=fed.rounds, start=start, gamma_star=gamma_star,
         uncovered=fed.uncovered, hooks=[print_hook(fed.rounds), folder_hook(folder)],
+        diverged_hint=lambda: folder.recovery("round", "federation.lr"),
     )
     save_final(folder, out.params)
     folder.write_json("flower.json", {"rounds": fed.rounds, "gamma_star": out.gamma_star,

@@ -13,6 +13,7 @@ and passed down to the setup; the run folder's env.json records them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fedscore import data as datasets
 from fedscore.config import FederationConfig, RunConfig
-from fedscore.errors import FedscoreError
+from fedscore.errors import DivergenceError, FedscoreError
 from fedscore.federated.inprocess import InProcessTransport
 from fedscore.federated.loop import RoundEvent, run_rounds
 from fedscore.federated.optim import state_from_tensors, state_to_tensors
@@ -60,41 +61,74 @@ def write_partition(folder: RunFolder, f: FederationSetup) -> None:
 
 
 def resume_state(folder: RunFolder, params: dict[str, Tensor]):
-    """(params, opt state, rounds done, Gamma*) from a run folder's checkpoint; the metrics
-    log is cut back to the checkpoint's round."""
-    tensors, state = ckpt.load_checkpoint(folder.checkpoint)
+    """(params, opt state, rounds done, Gamma*) from a run folder's checkpoint (verified:
+    checksums, state, finite weights); the metrics log is cut back to the checkpoint's
+    round."""
+    tensors, state = folder.read_checkpoint(ckpt.FEDERATED_STATE)
     saved = ckpt.unprefixed("model", tensors)
     if set(saved) != set(params) or any(saved[k].shape != v.shape for k, v in params.items()):
         raise FedscoreError(
             f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model"
         )
+    if bad := ckpt.nonfinite(tensors):
+        raise FedscoreError(f"checkpoint {str(folder.checkpoint)!r} holds non-finite weights "
+                            f"({bad[0]!r}); start the run again without --resume")
     opt_tensors = ckpt.unprefixed("opt", tensors)
-    opt_state = state_from_tensors(opt_tensors, params) if opt_tensors else None
+    try:
+        opt_state = state_from_tensors(opt_tensors, params) if opt_tensors else None
+    except (KeyError, ValueError, IndexError, RuntimeError) as err:
+        raise ckpt.corrupt(folder.checkpoint, f"its optimiser state does not restore: {err!r}"
+                           ) from None
     folder.truncate_metrics("round", int(state["round"]))
+    folder.good_checkpoint = int(state["round"])
+    folder.confirm()  # restored whole: config.yaml may now describe the resumed run
     # the model's own order, on its device (checkpoints hold CPU tensors)
     params = {k: saved[k].to(v.device) for k, v in params.items()}
     return params, opt_state, int(state["round"]), state["gamma_star"]
 
 
+def refuse_nonfinite(folder: RunFolder, params: dict[str, Tensor], what: str) -> None:
+    """Never write a non-finite model (the round loop already refuses one; this guards every
+    save path, whoever calls it)."""
+    if bad := [k for k, v in params.items() if not bool(torch.isfinite(v).all())]:
+        raise DivergenceError(
+            f"refusing to write {what}: parameter {bad[0]!r} is not finite. "
+            + folder.recovery("round", "federation.lr"))
+
+
 def save_round(folder: RunFolder, params: dict[str, Tensor], rounds_done: int,
                gamma_star: int | None, opt_state: dict | None = None) -> None:
-    """The per-round atomic checkpoint (model, optionally stacked Adam state)."""
+    """The per-round atomic checkpoint (model, optionally stacked Adam state); finite
+    weights only."""
+    refuse_nonfinite(folder, params, f"the checkpoint of round {rounds_done}")
     tensors = ckpt.prefixed("model", params)
     if opt_state:
         tensors |= ckpt.prefixed("opt", state_to_tensors(opt_state, params))
     ckpt.save_checkpoint(folder.checkpoint, tensors,
-                         {"round": rounds_done, "gamma_star": gamma_star})
+                         {"round": rounds_done, "gamma_star": gamma_star,
+                          "log_records": folder.records})
+    folder.good_checkpoint = rounds_done
 
 
 def save_final(folder: RunFolder, params: dict[str, Tensor]) -> None:
+    refuse_nonfinite(folder, params, "model.safetensors")
     atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(params, tmp))
 
 
 def folder_hook(folder: RunFolder, keep_opt_state: bool = False):
     """The last hook of a round: its log line in metrics.jsonl, then the atomic checkpoint
-    (with the workers' optimiser state when the run carries it across rounds)."""
+    (with the workers' optimiser state when the run carries it across rounds). A held-out
+    eq. 9 that is not finite (finite weights whose output overflows) is a divergence: that
+    round is neither logged nor checkpointed."""
 
     def hook(e: RoundEvent) -> None:
+        refuse_nonfinite(folder, e.params, f"the checkpoint of round {e.q + 1}")
+        value = e.record.get("eq9_heldout")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DivergenceError(
+                f"federated training diverged in round {e.q + 1}: held-out eq. 9 is {value} "
+                "(finite parameters whose output overflows); it is not checkpointed. "
+                + folder.recovery("round", "federation.lr"))
         folder.log(e.record)
         save_round(folder, e.params, e.q + 1, e.gamma_star,
                    e.outcome.opt_state if keep_opt_state else None)
@@ -183,9 +217,16 @@ def train_federated(
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)  # config.yaml records the resolved device and precision
     f = prepare(cfg, runtime=runtime)
-    fed: FederationConfig = f.fed
-    strategy = workers_strategy(fed.strategy, runtime)  # refuse before any file is written
+    strategy = workers_strategy(f.fed.strategy, runtime)  # refuse before any file is written
     folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
+    with folder.guard():  # finished on return, failed (with the reason) on any error
+        return _train(cfg, f, folder, strategy, resume=resume, progress=progress,
+                      runtime=runtime)
+
+
+def _train(cfg: RunConfig, f: FederationSetup, folder: RunFolder, strategy: str, *,
+           resume: bool, progress: bool, runtime: Runtime) -> FederatedResult:
+    fed: FederationConfig = f.fed
     folder.write_json("runtime.json", runtime.describe())
     if not resume:
         write_partition(folder, f)
@@ -214,8 +255,7 @@ def train_federated(
         out = run_rounds(
             params, transport, rounds=fed.rounds, start=start, gamma_star=gamma_star,
             uncovered=fed.uncovered, hooks=hooks,
-            diverged_hint=f"The last good checkpoint is kept in {str(folder.checkpoint)!r}; "
-                          f"lower federation.lr (now {fed.lr}) and resume",
+            diverged_hint=lambda: folder.recovery("round", "federation.lr"),
         )
     finally:
         bar.close()
@@ -225,4 +265,3 @@ def train_federated(
     return FederatedResult(folder, f.model, out.params, int(out.gamma_star or 0),
                            last.get("loss", float("nan")),
                            last.get("eq9_heldout") or float("nan"))
-

@@ -4,6 +4,12 @@ One loop, seeded by the run's seed: draw a mini-batch and the DSM noise with the
 generator, take an optimiser step on the loss of eq. 9 (or DDPM's), log, checkpoint
 atomically. Resuming restores parameters, EMA, optimiser moments and the generator, so N
 steps equal N/2 + resume + N/2 exactly on the CPU.
+
+Nothing non-finite is ever written (docs/reliability.md): the loss is checked every step,
+the parameters and EMA before every checkpoint and before model.safetensors, and held-out
+eq. 9 when it is evaluated; a divergence names its cause (the loss, or an update that
+overflowed the parameters) and a checkpoint that really is good, and the run folder is
+marked failed with that reason.
 """
 
 from __future__ import annotations
@@ -75,6 +81,13 @@ def train_central(
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)
     folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
+    with folder.guard():  # finished on return, failed (with the reason) on any error
+        return _train(cfg, folder, resume=resume, progress=progress, indices=indices,
+                      runtime=runtime)
+
+
+def _train(cfg: RunConfig, folder: RunFolder, *, resume: bool, progress: bool, indices,
+           runtime: Runtime) -> TrainResult:
     folder.write_json("runtime.json", runtime.describe())
     images, labels = datasets.load(
         cfg.data.name, split="train", data_root=cfg.data.data_root, download=cfg.data.download
@@ -126,11 +139,7 @@ def train_central(
         )
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise DivergenceError(
-                f"training diverged at step {step + 1}: loss is {loss_value}. The last good "
-                f"checkpoint is kept in {str(folder.checkpoint)!r}; lower train.lr "
-                f"(now {cfg.train.lr}) and resume with --resume"
-            )
+            raise loss_diverged(cfg, folder, model, step + 1, loss_value)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,18 +148,25 @@ def train_central(
         running += loss_value
         seen += 1
         done = step + 1
+        checkpoint_due = done % cfg.train.checkpoint_every == 0 or done == steps
+        if checkpoint_due:  # never a non-finite checkpoint (nor log line of one)
+            check_finite(cfg, folder, model, ema, done)
         if done % cfg.train.log_every == 0 or done == steps:
             elapsed = time.perf_counter() - t0
             record = {"step": done, "loss": running / seen,
                       "samples_per_s": seen * cfg.train.batch_size / max(elapsed, 1e-9)}
-            if done % cfg.train.checkpoint_every == 0 or done == steps:
+            if checkpoint_due:
                 record["eq9_heldout"] = eval_eq9(cfg, model, eval_x, eval_y, times)
+                if not math.isfinite(record["eq9_heldout"]):
+                    raise output_diverged(cfg, folder, model, done, record["eq9_heldout"])
             folder.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}",
                             samples_s=f"{record['samples_per_s']:.0f}")
             running, seen, t0 = 0.0, 0, time.perf_counter()
-        if done % cfg.train.checkpoint_every == 0 or done == steps:
+        if checkpoint_due:
             _save(cfg, folder, model, opt, g, ema, done)
+            folder.good_checkpoint = done
+    check_finite(cfg, folder, model, ema, steps)  # model.safetensors: finite weights only
     final = _final_weights(model, ema)
     atomic_write(folder.path / "model.safetensors", lambda tmp: save_weights(final, tmp))
     eq9 = folder.metrics()[-1].get("eq9_heldout", float("nan")) if folder.metrics() else float(
@@ -179,6 +195,61 @@ def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tenso
     return image_grid(images, path, nrow=n_per_class, title=f"{cfg.name}: samples by class")
 
 
+def _largest(model: nn.Module) -> float:
+    """The largest finite |w| of the parameters (what a loss overflow grew from)."""
+    with torch.no_grad():
+        values = [p.detach().nan_to_num(0.0, 0.0, 0.0).abs().max() for p in model.parameters()]
+    return float(torch.stack(values).max()) if values else 0.0
+
+
+def _update_hint(cfg: RunConfig) -> str:
+    return f"the update overflowed: train.lr {cfg.train.lr} with {cfg.train.optimizer}"
+
+
+def loss_diverged(cfg: RunConfig, folder: RunFolder, model: nn.Module, step: int,
+                  loss: float) -> DivergenceError:
+    """The error for a non-finite loss at `step`: the parameters are checked to tell the
+    two causes apart (the loss at step-1 was finite, so non-finite parameters came from the
+    update of step-1; finite ones mean the forward pass overflowed)."""
+    recovery = folder.recovery("step", "train.lr")
+    if bad := _nonfinite_params(model):
+        return DivergenceError(
+            f"training diverged at step {step - 1}: its update made the parameters non-finite "
+            f"({bad[0]!r}, ...; {_update_hint(cfg)}); the loss of step {step} is {loss}. "
+            f"{recovery}")
+    return DivergenceError(
+        f"training diverged at step {step}: the loss became {loss} (the parameters are finite, "
+        f"the largest |w| is {_largest(model):.3g}). {recovery}")
+
+
+def output_diverged(cfg: RunConfig, folder: RunFolder, model: nn.Module, step: int,
+                    value: float) -> DivergenceError:
+    return DivergenceError(
+        f"training diverged at step {step}: held-out eq. 9 is {value}, the model's output "
+        f"overflows (finite parameters, the largest |w| is {_largest(model):.3g}; "
+        f"{_update_hint(cfg)}); it is not checkpointed. "
+        + folder.recovery("step", "train.lr"))
+
+
+def _nonfinite_params(model: nn.Module) -> list[str]:
+    return [k for k, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def check_finite(cfg: RunConfig, folder: RunFolder, model: nn.Module,
+                 ema: dict[str, Tensor] | None, step: int) -> None:
+    """Refuse to write parameters or an EMA holding a NaN or an infinity (a DivergenceError
+    that names the first such tensor and a checkpoint that really is good)."""
+    bad = _nonfinite_params(model)
+    bad += [f"ema {k}" for k, v in (ema or {}).items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        since = folder.good_checkpoint
+        raise DivergenceError(
+            f"training diverged at step {step}: the parameters are non-finite ({bad[0]!r}, "
+            f"...; last verified finite at "
+            f"{'step ' + str(since) if since is not None else 'the start'}; {_update_hint(cfg)}"
+            f"); nothing was written. " + folder.recovery("step", "train.lr"))
+
+
 def _final_weights(model: nn.Module, ema: dict[str, Tensor] | None) -> dict[str, Tensor]:
     """Weights used for sampling: the EMA when the run keeps one."""
     return ema if ema is not None else {k: v.detach() for k, v in model.named_parameters()}
@@ -191,31 +262,40 @@ def _save(cfg, folder, model, opt, g, ema, step) -> None:
     if ema is not None:
         tensors |= ckpt.prefixed("ema", ema)
     tensors["rng/train"] = g.get_state()
-    ckpt.save_checkpoint(folder.checkpoint, tensors, {"step": step, "optimizer": opt_meta,
-                                                     "optimizer_name": cfg.train.optimizer})
+    ckpt.save_checkpoint(folder.checkpoint, tensors, {
+        "step": step, "optimizer": opt_meta, "optimizer_name": cfg.train.optimizer,
+        "log_records": folder.records})
 
 
 def _restore(cfg, folder, model, opt, g, ema):
-    tensors, state = ckpt.load_checkpoint(folder.checkpoint)
+    tensors, state = folder.read_checkpoint(ckpt.CENTRAL_STATE)
+    where = repr(str(folder.checkpoint))
     try:
         model.load_state_dict(ckpt.unprefixed("model", tensors))
     except RuntimeError as err:
-        raise FedscoreError(
-            f"checkpoint {str(folder.checkpoint)!r} does not fit this config's model ({err})"
-        ) from None
+        raise FedscoreError(f"checkpoint {where} does not fit this config's model ({err})"
+                            ) from None
     if state.get("optimizer_name", cfg.train.optimizer) != cfg.train.optimizer:
         raise FedscoreError(
             f"the checkpoint was trained with train.optimizer={state['optimizer_name']!r}; "
             f"resume with the same optimizer (the config says {cfg.train.optimizer!r})"
         )
-    ckpt.restore_optimizer(opt, ckpt.unprefixed("opt", tensors), state["optimizer"])
+    try:
+        ckpt.restore_optimizer(opt, ckpt.unprefixed("opt", tensors), state["optimizer"])
+        g.set_state(tensors["rng/train"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ckpt.corrupt(folder.checkpoint, f"it does not restore: {err}") from None
     for group in opt.param_groups:  # a resumed run takes the config's (maybe lowered) lr
         group["lr"] = cfg.train.lr
-    g.set_state(tensors["rng/train"])
     if ema is not None:  # on the model's device (checkpoints hold CPU tensors)
         device = next(model.parameters()).device
         ema = {k: v.to(device) for k, v in ckpt.unprefixed("ema", tensors).items()}
-    return int(state["step"]), ema
+        names = {k for k, _ in model.named_parameters()}
+        if set(ema) != names:
+            raise ckpt.corrupt(folder.checkpoint, "its EMA does not match the model's "
+                                                  "parameters")
+    folder.confirm()  # restored whole: config.yaml may now describe the resumed run
+    return state["step"], ema
 
 
 def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
