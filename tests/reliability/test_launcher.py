@@ -79,12 +79,12 @@ def records(out: Path) -> list[dict]:
 def start_cli(out: Path, rounds: int, *extra: str) -> subprocess.Popen:
     """`fedscore flower run` on loopback as its own process (stdout and stderr to a file)."""
     sets = [a for s in [*SETS, f"federation.rounds={rounds}"] for a in ("--set", s)]
-    log = open(out.parent / f"{out.name}.cli.log", "ab")  # noqa: SIM115 (the child holds it)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedscore.cli", "flower", "run", "--config",
-         str(ROOT / "configs" / "flower-toy.yaml"), *sets, "--out", str(out), *extra],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    with open(out.parent / f"{out.name}.cli.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedscore.cli", "flower", "run", "--config",
+             str(ROOT / "configs" / "flower-toy.yaml"), *sets, "--out", str(out), *extra],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
 def wait_for_apps(cli: subprocess.Popen, mark: str, timeout: float = 240.0) -> None:

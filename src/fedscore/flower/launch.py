@@ -180,7 +180,7 @@ class LocalFlowerCluster:
     certs: TLSFiles | None = None
     launch_id: str = field(default_factory=reaper.new_launch_id)  # marks all our processes
     watchdog: reaper.Watchdog | None = None
-    _handlers: dict[int, object] = field(default_factory=dict)  # signal -> previous handler
+    _handlers: dict[int, object] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.home = Path(self.home).resolve()
