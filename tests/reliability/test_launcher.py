@@ -133,6 +133,7 @@ def test_the_watchdog_reaps_a_killed_parents_processes(mark, tmp_path):
     assert len(reaper.marked(f"{mark}-launch")) == 1  # the sleeper (not the watchdog)
     parent.kill()
     parent.wait()
+    parent.stdout.close()
     assert left_over(mark, within=20) == {}
 
 
