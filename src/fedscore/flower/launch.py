@@ -4,8 +4,16 @@
 `flower-supernode` processes) on free loopback ports under its own FLWR_HOME, writes the
 connection into that home's config.toml, and stops every process it started by its PID
 (its whole process group: Flower's SuperLink and SuperNodes spawn their apps as children)
-on exit, error or Ctrl-C. `run_app` runs `flwr run` against it with the run config of
-`server_app.ServerSettings`. Nothing here knows about diffusion models.
+on exit, error, Ctrl-C or SIGTERM (turned into Ctrl-C's KeyboardInterrupt). If our process
+dies without stopping them (SIGKILL), a parent-death signal and a watchdog stop them
+(`reaper`). `run_app` runs `flwr run` against it with the run config of
+`server_app.ServerSettings` and reports the run's final status from the SuperLink. Nothing
+here knows about diffusion models.
+
+Each SuperLink keeps its state in memory (Flower's `:flwr-in-memory:` database): fedscore's
+own state is in the run folder, and a SuperLink database reused across launches (the old
+`flower-home/superlink.db`) listed the previous launch's dead SuperNodes, so a `--resume`d
+run waited for them and logged its first round as degraded.
 
 Settings that matter on a small CPU (measured on this project's 2-core machine):
   - runtime dependency installation is disabled: by default the SuperLink `uv sync`s the
@@ -25,20 +33,26 @@ each running ClientApp; num-gpus 0.25 lets four virtual nodes share one GPU at a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedscore.errors import FedscoreError
+from fedscore.flower import reaper
 from fedscore.flower.security import TLSFiles, make_node_key, make_tls
 
 CONNECTION = "fedscore"
+IN_MEMORY_DATABASE = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C while a federation runs
 APP_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]
@@ -164,6 +178,9 @@ class LocalFlowerCluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
     certs: TLSFiles | None = None
+    launch_id: str = field(default_factory=reaper.new_launch_id)  # marks all our processes
+    watchdog: reaper.Watchdog | None = None
+    _handlers: dict[int, object] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.home = Path(self.home).resolve()
@@ -191,6 +208,7 @@ class LocalFlowerCluster:
             "PYTHONUNBUFFERED": "1",
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # Flower default: 1 s
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences a warning of Ray
+            reaper.LAUNCH_ENV: self.launch_id,  # inherited by everything Flower starts
             # the SuperLink and SuperNodes start Flower's other executables by name
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         })
@@ -210,33 +228,59 @@ class LocalFlowerCluster:
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log(name), "ab") as out:
-            # own process group: stop() signals the process and every child it spawned
+            # own process group: stop() signals the process and every child it spawned, and
+            # a Ctrl-C in the terminal reaches only us (we stop them in order)
             proc = subprocess.Popen(cmd, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_pdeathsig())
         self.processes[name] = proc
         return proc
 
     # -- lifecycle ---------------------------------------------------------------------
     def __enter__(self) -> LocalFlowerCluster:
+        self._catch_stop_signals()
         try:
             self.start()
         except BaseException:
             self.stop()
+            self._restore_signals()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_signals()
+
+    def _catch_stop_signals(self) -> None:
+        """SIGTERM (and SIGHUP) become a KeyboardInterrupt while the federation runs, so
+        `kill <pid>` stops it as Ctrl-C does: __exit__ stops every process, the CLI exits 130.
+        Only from the main thread (Python's rule) and only over the default handler: a
+        handler someone else installed is theirs."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                self._handlers[sig] = signal.signal(sig, _interrupt)
+
+    def _restore_signals(self) -> None:
+        while self._handlers:
+            sig, old = self._handlers.popitem()
+            signal.signal(sig, old)
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        if reaper.supported() and self.watchdog is None:
+            self.watchdog = reaper.Watchdog(self.launch_id)  # before the first process
         if self.tls:
             self.certs = make_tls(self.home / "certs")
         self.port = free_port()
         self.write_connection()
         cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation",
-               "--database", str(self.home / "superlink.db")]
+               "--database", IN_MEMORY_DATABASE]
         if self.simulation:
             cmd.append("--simulation")
         cmd += self._tls_args() if self.tls else ["--insecure"]
@@ -304,7 +348,16 @@ class LocalFlowerCluster:
 
     def stop(self) -> None:
         """Stop every process this federation started, and their descendants, by PID:
-        SIGTERM, up to 10 s to exit, then SIGKILL."""
+        SIGTERM, up to 10 s to exit, then SIGKILL; then (Linux) every process that still
+        carries this launch's marker, wherever it was re-parented; then the watchdog."""
+        self._stop_processes()
+        if reaper.supported():
+            reaper.reap(self.launch_id)
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
+
+    def _stop_processes(self) -> None:
         procs = list(self.processes.values())
         pids = _kill_tree(procs, signal.SIGTERM)
         end = time.monotonic() + 10
@@ -341,9 +394,11 @@ class LocalFlowerCluster:
 
     # -- running the app ---------------------------------------------------------------
     def run_app(self, settings: dict, *, timeout: float | None = None,
-                stream: bool = False) -> subprocess.CompletedProcess:
+                stream: bool = False, check: bool = False) -> FlowerRun:
         """`flwr run <app> fedscore --run-config <settings> --stream`: returns when the run
-        has ended (the ServerApp's log is streamed into logs/run.log)."""
+        has ended (the ServerApp's log is streamed into logs/run.log), with the run's final
+        status on the SuperLink (`flwr run` exits 0 even when the ServerApp failed).
+        check: raise FedscoreError unless the run finished:completed."""
         app = write_app(self.home / "app")
         overrides = write_run_config(self.home / "run-config.toml", settings)
         cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(overrides),
@@ -355,7 +410,7 @@ class LocalFlowerCluster:
         with open(self.log("run"), "ab") as out:
             proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, cwd=self.home,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_pdeathsig())
             self.processes["flwr-run"] = proc
             lines = []
             try:
@@ -370,7 +425,80 @@ class LocalFlowerCluster:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 raise FedscoreError(f"flwr run did not finish within {timeout:g} s") from None
-        return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
+        text = "".join(lines)
+        run_id = _run_id(text)
+        status, details = self.run_status(run_id) if run_id is not None else (None, "")
+        done = FlowerRun(cmd, proc.returncode, text, "", run_id=run_id, status=status,
+                         details=details, log=self.log("run"))
+        if check:
+            done.check()
+        return done
+
+    def run_status(self, run_id: int, wait: float = 15.0) -> tuple[str | None, str]:
+        """(status, details) of run `run_id` from `flwr ls --run-id <id> --format json`,
+        e.g. ("finished:failed", "..."): polled until it is `finished:*` (the log stream can
+        end a moment before the SuperLink records the final status) or `wait` passes.
+        (None, why) if the SuperLink cannot be asked."""
+        end = time.monotonic() + wait
+        while True:
+            try:
+                done = self.flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format",
+                                  "json"], timeout=60)
+                (row,) = json.loads(done.stdout)["runs"]
+            except (FedscoreError, ValueError, KeyError, TypeError,
+                    subprocess.TimeoutExpired) as err:
+                return None, f"`flwr ls` could not tell the run's status: {err}"
+            status, details = str(row.get("status", "")), str(row.get("status-details", ""))
+            if status.startswith("finished") or time.monotonic() > end:
+                return status, details
+            time.sleep(0.5)
+
+
+class FlowerRun(subprocess.CompletedProcess):
+    """`flwr run`'s process result plus what the SuperLink says of the run: `status` is
+    Flower's status text ("finished:completed", "finished:failed", "finished:stopped"; None
+    if unknown) and `details` its status details."""
+
+    def __init__(self, args, returncode, stdout, stderr, *, run_id: int | None,
+                 status: str | None, details: str, log: Path):
+        super().__init__(args, returncode, stdout, stderr)
+        self.run_id, self.status, self.details, self.log = run_id, status, details, log
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.status == "finished:completed"
+
+    def check(self) -> None:
+        """Raise one FedscoreError naming what failed, with the tail of the run's log."""
+        if self.ok:
+            return
+        if self.run_id is None:
+            what = f"`flwr run` started no run (exit {self.returncode})"
+        else:
+            what = (f"Flower run {self.run_id} ended {self.status or 'with an unknown status'}"
+                    f" (flwr run exit {self.returncode})")
+        if self.details not in ("", "N/A"):  # the ServerApp's exception, in one line
+            raise FedscoreError(f"{what}: {self.details}; its log: {self.log}")
+        raise FedscoreError(f"{what}; its log: {self.log}\n{tail(self.log)}")
+
+
+def _run_id(text: str) -> int | None:
+    """The run id in `flwr run`'s output ("Successfully started run 123")."""
+    found = re.search(r"started run (\d+)", text)
+    return int(found.group(1)) if found else None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _pdeathsig():
+    """The parent-death preexec_fn (reaper.die_with_parent) when we run on the main thread:
+    the signal follows the thread that started the process, and tests start processes from
+    worker threads that end long before the federation does."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return reaper.die_with_parent()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
