@@ -88,11 +88,13 @@ poll = 0.5
 """
 
 
-def write_app(folder: Path) -> Path:
+def write_app(folder: Path, pyproject: str = APP_PYPROJECT) -> Path:
     """The Flower app folder `flwr run` packages: only a pyproject.toml whose components
-    point at the installed fedscore package (the FAB then carries no code of ours)."""
+    point at the installed fedscore package (the FAB then carries no code of ours).
+    pyproject: another app's (its own components and run config keys, e.g. federated
+    inference's `fi_run.FI_PYPROJECT`); default: federated training's."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    (folder / "pyproject.toml").write_text(pyproject)
     return folder
 
 
@@ -394,12 +396,14 @@ class LocalFlowerCluster:
 
     # -- running the app ---------------------------------------------------------------
     def run_app(self, settings: dict, *, timeout: float | None = None,
-                stream: bool = False, check: bool = False) -> FlowerRun:
+                stream: bool = False, check: bool = False,
+                pyproject: str = APP_PYPROJECT) -> FlowerRun:
         """`flwr run <app> fedscore --run-config <settings> --stream`: returns when the run
         has ended (the ServerApp's log is streamed into logs/run.log), with the run's final
         status on the SuperLink (`flwr run` exits 0 even when the ServerApp failed).
-        check: raise FedscoreError unless the run finished:completed."""
-        app = write_app(self.home / "app")
+        check: raise FedscoreError unless the run finished:completed. pyproject: the app
+        to run (`write_app`; default: federated training's)."""
+        app = write_app(self.home / "app", pyproject)
         overrides = write_run_config(self.home / "run-config.toml", settings)
         cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(overrides),
                "--stream"]

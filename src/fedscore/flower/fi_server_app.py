@@ -1,0 +1,308 @@
+"""Federated inference's ServerApp: the reverse SDE driven on the server, the agents' scores
+computed on their silos (SPEC §3 on Flower's Message API).
+
+The server holds no weights and no data. It learns K agents from one `query.describe`
+message per SuperNode (`fi_client_app`: each agent's index, resolved config and class
+counts), then runs THE sampling code of `fedscore agents sample` in-process
+(`inference.sampling.agents_score_fn` + `draw`, the same aggregator objects and samplers),
+with one change: the agents are `RemoteAgents`, a callable (x, t[, y]) -> (K, B, ...) whose
+every evaluation is one round of `query.score` messages — x_t of all samples as one batch,
+t and the labels to every agent — and the K replies stacked in agent order. With the same
+seed the samples equal the in-process ones (tests/flower/test_fi_flower.py).
+
+Replies are input and are checked against what was sent (`check_score`): the reply's
+records and keys, its agent index and call number, a float32 array of exactly x's shape
+(sizes read before numpy decodes it), finite values. A bad, failed or missing reply is NOT
+dropped, as a training round drops a worker: without agent i the aggregate is another
+distribution (the mixture of the others), so sampling stops with one FedscoreError naming
+the agent and why. No retry either: a step is idempotent, but an agent that errs or misses
+`step_timeout` once (its ClientApp raised, its node died) would do it again; rerunning with
+the same seed reproduces the samples.
+
+`route` (each sample drawn by one agent alone) would need no per-step exchange: one message
+per silo carrying the seed, labels and the sample -> agent assignment; the silo runs the
+unchanged sampler on the full batch with a score function that evaluates its agent on its
+own rows only (zeros elsewhere) and returns its rows, which the server assembles. It plugs in
+at `sample_remote`, as a branch before the per-step loop (not written yet).
+
+The result (samples.npz, samples.png, as `sample_agents` writes them) goes to the run
+config's `out`, with `flower-fi.json`: this launch's token, state finished/failed (and the
+reason), and the per-call timings the benchmark reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
+
+from fedscore import data as datasets
+from fedscore.config import RunConfig, config_from_text, dump_config
+from fedscore.errors import FedscoreError, unknown
+from fedscore.experiments.agents import AGGREGATOR_NAMES, SAMPLER
+from fedscore.flower.transport import exchange, wait_for_nodes
+from fedscore.inference.agents import label_weights
+from fedscore.inference.sampling import agents_score_fn, draw
+from fedscore.io import atomic_write_text
+from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
+from fedscore.runs.plots import image_grid
+from fedscore.runs.sampling import sampling_grid
+
+app = ServerApp()
+STATUS = "flower-fi.json"
+DESCRIBE = f"{MessageType.QUERY}.describe"
+SCORE = f"{MessageType.QUERY}.score"
+NPY_HEADER = 4096  # bytes a .npy header may add to an array's data (numpy writes ~128)
+SAME = ("model", "data", "diffusion")  # what all agents must share (as load_agents checks)
+
+
+@dataclass
+class FISettings:
+    """The run config keys of the FI app (`fi_run.FI_PYPROJECT`)."""
+
+    agents: int  # K: one SuperNode per agent
+    out: str  # the samples' folder, on the machine that runs the ServerApp
+    aggregator: str = "mixture"
+    per_label: int = 10
+    steps: int = 100
+    seed: int = 0
+    token: str = ""  # this launch's, written to STATUS
+    agent_dirs: str = ""  # JSON list, for the simulation runtime's virtual nodes
+    device: str = ""  # where the agents' networks run ("": auto)
+    precision: str = ""  # "": each agent's own
+    start_wait: float = 120.0  # seconds to wait for the K SuperNodes
+    step_timeout: float = 600.0  # seconds to wait for one call's K replies
+    poll: float = 0.02  # seconds between pulls of replies
+
+    @classmethod
+    def from_run_config(cls, rc: dict) -> FISettings:
+        keys = {f: f.replace("_", "-") for f in cls.__dataclass_fields__}
+        return cls(**{f: rc[k] for f, k in keys.items() if k in rc})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_fi_server(grid, FISettings.from_run_config(dict(context.run_config)))
+
+
+def run_fi_server(grid: Grid, s: FISettings) -> dict[str, Path]:
+    """Sample with the K agents of `grid`'s SuperNodes; STATUS records how it ended. A
+    failure is also one `[fedscore] failed: ...` line on the server's log."""
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    calls = CallLog()
+    try:
+        if s.aggregator not in AGGREGATOR_NAMES:
+            raise unknown("aggregator", s.aggregator, AGGREGATOR_NAMES)
+        agents = RemoteAgents.connect(grid, s.agents, start_wait=s.start_wait,
+                                      timeout=s.step_timeout, poll=s.poll, log=calls)
+        paths = sample_remote(agents, out, aggregator=s.aggregator, per_label=s.per_label,
+                              steps=s.steps, seed=s.seed)
+    except Exception as err:
+        _status(out, s.token, "failed", calls, reason=str(err))
+        print(f"[fedscore] failed: {err}", flush=True)
+        raise
+    _status(out, s.token, "finished", calls, agents=agents.names)
+    return paths
+
+
+def _status(out: Path, token: str, state: str, calls: CallLog, **extra) -> None:
+    atomic_write_text(out / STATUS, json.dumps(
+        {"token": token, "state": state, **extra, "calls": calls.records}, indent=1))
+
+
+def sample_remote(agents: RemoteAgents, out: Path, *, aggregator: str, per_label: int,
+                  steps: int, seed: int) -> dict[str, Path]:
+    """`experiments.agents.sample_agents` with remote agents: the same labels, grid,
+    aggregator, sampler and seed, hence the same samples."""
+    cfg = agents.config
+    info = datasets.info(cfg.data.name)
+    labels = torch.arange(info.classes).repeat_interleave(per_label)
+    times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
+        update={"steps": steps})}))
+    score_fn = agents_score_fn(agents, labels, aggregator)
+    x = draw(score_fn, len(labels), tuple(info.shape), times, SAMPLER, seed)
+    npz = write_samples(out / SAMPLES, x, labels, seed)
+    figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
+                        title=f"federated inference ({aggregator}, {agents.n_agents} agents "
+                              "on Flower): one row per label")
+    return {"samples": npz, "figure": Path(figure)}
+
+
+@dataclass
+class CallLog:
+    """One record per round of score messages: wall seconds from push to the K-th reply,
+    and each agent's own time in its forward pass and its ClientApp process age."""
+
+    records: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Agent:
+    """What the server knows of one agent: its node, folder name, config and class counts."""
+
+    index: int
+    node: int
+    name: str
+    config: RunConfig
+    counts: list[int]
+
+
+class RemoteAgents:
+    """K agents on K SuperNodes as one callable `(x, t[, y]) -> (K, B, ...)`, with what
+    `agents_score_fn` and the aggregators read of `StackedAgents`: n_agents, counts (K, C),
+    config, with_labels, weights_for."""
+
+    def __init__(self, grid: Grid, agents: list[Agent], *, timeout: float, poll: float,
+                 log: CallLog, labels: Tensor | None = None):
+        self.grid, self.agents, self.timeout, self.poll = grid, agents, timeout, poll
+        self.log, self.labels = log, labels
+        self.n_agents = len(agents)
+        self.names = [a.name for a in agents]
+        self.config = agents[0].config
+        width = max(len(a.counts) for a in agents)
+        self.counts = torch.tensor([a.counts + [0] * (width - len(a.counts)) for a in agents],
+                                   dtype=torch.long)  # padded as load_agents pads them
+
+    @classmethod
+    def connect(cls, grid: Grid, k: int, *, start_wait: float, timeout: float, poll: float,
+                log: CallLog) -> RemoteAgents:
+        """Wait for K SuperNodes, describe each, bind node -> agent index."""
+        nodes = wait_for_nodes(grid, k, start_wait, max(poll, 0.1))
+        if len(nodes) < k:
+            raise FedscoreError(f"only {len(nodes)} of {k} agents' SuperNodes connected "
+                                f"within {start_wait:g} s")
+        messages = [Message(RecordDict({}), dst_node_id=n, message_type=DESCRIBE)
+                    for n in nodes]
+        replies, failures = exchange(grid, messages, timeout, poll)
+        if failures:
+            node, why = sorted(failures.items())[0]
+            raise FedscoreError(f"SuperNode {node} did not describe its agent: {why}")
+        agents = bind([describe_reply(replies[n], n, k) for n in nodes], k)
+        for a in agents[1:]:
+            for key in SAME:
+                if dump_config(getattr(a.config, key)) != dump_config(getattr(
+                        agents[0].config, key)):
+                    raise FedscoreError(
+                        f"agent {a.index} ({a.name}) has different `{key}` settings than "
+                        f"agent 0 ({agents[0].name}): federated inference combines agents of "
+                        "one architecture on one dataset")
+        return cls(grid, agents, timeout=timeout, poll=poll, log=log)
+
+    def with_labels(self, labels: Tensor | None) -> RemoteAgents:
+        """The same agents with labels (B,) bound (sent with every call)."""
+        return RemoteAgents(self.grid, self.agents, timeout=self.timeout, poll=self.poll,
+                            log=self.log, labels=labels)
+
+    def weights_for(self, labels: Tensor) -> Tensor:
+        """(B, K): each agent's count of each sample's label (StackedAgents.weights_for)."""
+        return label_weights(self.counts, labels)
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """(K, B, ...) scores: one query.score message per agent, all K answered and checked
+        or one FedscoreError naming the agent."""
+        y = self.labels if y is None else y
+        call = len(self.log.records)
+        inputs = {"x": x, "t": t} | ({"y": y.to(torch.int64)} if y is not None else {})
+        content = RecordDict({
+            "inputs": ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
+                                   for k, v in inputs.items()}),
+            "call": ConfigRecord({"call": call})})
+        messages = [Message(content, dst_node_id=a.node, message_type=SCORE,
+                            group_id=str(call)) for a in self.agents]
+        t0 = time.perf_counter()
+        replies, failures = exchange(self.grid, messages, self.timeout, self.poll)
+        wall = time.perf_counter() - t0
+        scores, metrics = [], []
+        for a in self.agents:
+            if a.node in failures:
+                raise FedscoreError(f"agent {a.index} ({a.name}, node {a.node}) failed at "
+                                    f"call {call}: {failures[a.node]}")
+            try:
+                s, m = check_score(replies[a.node], a.index, call, tuple(x.shape))
+            except Exception as err:  # hostile bytes may raise anything: this reply's fault
+                raise FedscoreError(f"agent {a.index} ({a.name}, node {a.node}) sent a bad "
+                                    f"reply at call {call}: {_reason(err)}") from None
+            scores.append(s)
+            metrics.append(m)
+        self.log.records.append({
+            "call": call, "seconds": wall,
+            "score_seconds": [m.get("score-seconds") for m in metrics],
+            "process_age_seconds": [m.get("process-age-seconds") for m in metrics]})
+        return torch.stack(scores).to(x.device)
+
+
+def describe_reply(reply: Message, node: int, k: int) -> Agent:
+    """An agent from node `node`'s describe reply, checked (index in 0..k-1, a config,
+    non-negative class counts)."""
+    try:
+        rec = reply.content["agent"]
+        index, name = int(rec["agent"]), str(rec["name"])
+        counts = json.loads(str(rec["class-counts"]))
+        if not (isinstance(counts, list) and counts
+                and all(type(c) is int and c >= 0 for c in counts) and sum(counts) > 0):
+            raise FedscoreError("class counts must be a non-empty list of non-negative "
+                                "integers with a positive sum")
+        config = config_from_text(str(rec["config"]), f"node {node}'s agent config")
+    except Exception as err:
+        raise FedscoreError(f"SuperNode {node} described its agent wrongly: {_reason(err)}"
+                            ) from None
+    if not 0 <= index < k:
+        raise FedscoreError(f"SuperNode {node} holds agent {index}, but this run has {k} "
+                            f"agents (0..{k - 1}): check its partition-id")
+    return Agent(index, node, name, config, counts)
+
+
+def bind(described: list[Agent], k: int) -> list[Agent]:
+    """The agents in index order: every index 0..k-1 held by exactly one node."""
+    by_index: dict[int, list[Agent]] = {}
+    for a in described:
+        by_index.setdefault(a.index, []).append(a)
+    for i in range(k):
+        held = by_index.get(i, [])
+        if len(held) != 1:
+            nodes = sorted(a.node for a in held)
+            raise FedscoreError(f"agent {i} is held by {len(held)} SuperNodes {nodes}; each "
+                                "agent must be on exactly one (partition-id = its index)")
+    return [by_index[i][0] for i in range(k)]
+
+
+def check_score(reply: Message, index: int, call: int, shape: tuple[int, ...]
+                ) -> tuple[Tensor, dict]:
+    """Agent `index`'s scores of call `call` for x of `shape`: exactly the records
+    {scores, call, metrics}, the reply's agent and call numbers, one float32 array "score"
+    of x's shape (its byte size checked before numpy decodes it), finite values."""
+    content = reply.content
+    if set(content.keys()) != {"scores", "call", "metrics"}:
+        raise FedscoreError(f"records {sorted(content.keys())}, expected call, metrics, scores")
+    meta = content["call"]
+    if int(meta["agent"]) != index or int(meta["call"]) != call:
+        raise FedscoreError(f"it is marked agent {meta['agent']}, call {meta['call']}")
+    arrays = content["scores"]
+    if list(arrays.keys()) != ["score"]:
+        raise FedscoreError(f"arrays {list(arrays.keys())}, expected one 'score'")
+    arr = arrays["score"]
+    want = int(np.prod(shape)) * 4
+    if tuple(arr.shape) != shape or arr.dtype != "float32" or len(arr.data) > want + NPY_HEADER:
+        raise FedscoreError(f"scores {arr.dtype} {tuple(arr.shape)} ({len(arr.data)} bytes), "
+                            f"expected float32 {shape}")
+    values = arr.numpy()
+    if values.dtype != np.dtype("<f4") or values.shape != shape:
+        raise FedscoreError(f"the scores' bytes hold {values.dtype} {values.shape}, "
+                            f"expected float32 {shape}")
+    if not np.isfinite(values).all():
+        raise FedscoreError("the scores are not all finite")
+    metrics = {k: float(v) for k, v in content["metrics"].items()}
+    return torch.from_numpy(np.array(values)), metrics
+
+
+def _reason(err: Exception) -> str:
+    text = " ".join(str(err).split())[:300]
+    return text if isinstance(err, FedscoreError) else f"{type(err).__name__}: {text}"
