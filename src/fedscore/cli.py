@@ -225,12 +225,21 @@ def agents_sample(
     seed: int = 0,
     device: RunDeviceOpt = None,
     precision: RunPrecisionOpt = None,
+    deployment: Annotated[str, typer.Option(
+        help="inprocess (all agents in this process), loopback (one Flower SuperNode per "
+             "agent on this machine) or simulation (Flower's simulation runtime).")] = (
+        "inprocess"),
+    step_timeout: Annotated[float, typer.Option(
+        help="Flower: seconds to wait for every agent's scores of one step.")] = 600.0,
 ) -> None:
-    """Federated inference: sample with the agents combined at every reverse step."""
-    from fedscore.experiments.agents import sample_agents
+    """Federated inference: sample with the agents combined at every reverse step (on
+    Flower: each agent on its own SuperNode, its weights never leaving it)."""
+    from fedscore.flower.fi_run import sample_agents_on
 
-    paths = sample_agents(run_dirs, out, aggregator=aggregator, per_label=per_label,
-                          steps=steps, seed=seed, device=device, precision=precision)
+    paths = sample_agents_on(run_dirs, out, deployment=deployment, aggregator=aggregator,
+                             per_label=per_label, steps=steps, seed=seed, device=device,
+                             precision=precision, step_timeout=step_timeout,
+                             stream=deployment != "inprocess")
     typer.echo(f"samples: {paths['samples']}\nfigure:  {paths['figure']}")
 
 

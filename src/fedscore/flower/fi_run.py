@@ -19,13 +19,14 @@ from pathlib import Path
 
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import AGGREGATOR_NAMES, sample_agents
-from fedscore.flower.fi_server_app import STATUS
 from fedscore.flower.launch import LocalFlowerCluster, tail
-from fedscore.flower.run import _check_simulation_extra
 from fedscore.inference.agents import read_class_counts
 from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config
 
 DEPLOYMENTS = ("inprocess", "loopback", "simulation")
+STATUS = "flower-fi.json"
+"""The server's record in `out`: this launch's token, finished/failed (and why), per-call
+timings. (Flower itself is imported only for the Flower deployments.)"""
 FI_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]
@@ -114,6 +115,8 @@ def sample_agents_on(run_dirs, out: str | Path, *, deployment: str = "inprocess"
     check_agents(dirs)
     simulation = deployment == "simulation"
     if simulation:
+        from fedscore.flower.run import _check_simulation_extra
+
         _check_simulation_extra()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +144,7 @@ def fi_result(out: Path, token: str, output: str, log: Path) -> dict:
         if status.get("state") == "finished":
             return status
         raise FedscoreError(f"federated inference on Flower failed: {status.get('reason')}")
-    said = [line.split("[fedscore] ", 1)[1] for line in output.splitlines()
-            if "[fedscore] failed:" in line]
+    said = [line.split("[fedscore] failed: ", 1)[1] for line in output.splitlines()
+            if "[fedscore] failed: " in line]
     reason = said[-1] if said else f"it ended without finishing; logs:\n{tail(log)}"
     raise FedscoreError(f"the Flower server did not sample: {reason}")

@@ -47,6 +47,7 @@ from fedscore import data as datasets
 from fedscore.config import RunConfig, config_from_text, dump_config
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import AGGREGATOR_NAMES, SAMPLER
+from fedscore.flower.fi_run import STATUS
 from fedscore.flower.transport import exchange, wait_for_nodes
 from fedscore.inference.agents import label_weights
 from fedscore.inference.sampling import agents_score_fn, draw
@@ -56,7 +57,6 @@ from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import sampling_grid
 
 app = ServerApp()
-STATUS = "flower-fi.json"
 DESCRIBE = f"{MessageType.QUERY}.describe"
 SCORE = f"{MessageType.QUERY}.score"
 NPY_HEADER = 4096  # bytes a .npy header may add to an array's data (numpy writes ~128)
