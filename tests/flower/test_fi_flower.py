@@ -109,6 +109,25 @@ def test_loopback_supernodes_sample_like_in_process_through_the_cli(agents, tmp_
     assert (home / "supernode0.log").is_file() and (home / "supernode1.log").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_agent_that_fails_on_its_silo_is_one_clear_error_naming_it(agents, tmp_path):
+    """Agent 1's weights are unreadable on its SuperNode (real loopback processes): the CLI
+    exits 2 with one line naming agent 1, and no samples are written."""
+    import shutil
+
+    dirs = [shutil.copytree(d, tmp_path / d.name) for d in agents]
+    (dirs[1] / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "loop"
+    result = CliRunner().invoke(app, [
+        "agents", "sample", *map(str, dirs), "--out", str(out), "--steps", "2",
+        "--per-label", "1", "--deployment", "loopback", "--step-timeout", "120"])
+    assert isinstance(result.exception, FedscoreError), result.output
+    assert "agent 1 (agent-01)" in str(result.exception)
+    assert not (out / "samples.npz").exists()
+    assert json.loads((out / STATUS).read_text())["state"] == "failed"
+
+
 # ------------------------------------------------------------ what the server accepts
 
 

@@ -22,6 +22,7 @@ a fresh ClientApp process per message, so there it is loaded per step (see docs/
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -83,7 +84,26 @@ def _where(context: Context) -> tuple[int, Path, str | None, str | None]:
     return pid, folder, device, precision
 
 
+def _naming_the_agent(handler):
+    """A handler whose failure names this node's agent: Flower sends the exception's text to
+    the server as the reply's error, and the server's error should say which agent broke."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            node = dict(context.node_config)
+            who = f"agent {node.get('partition-id', '?')}"
+            if node.get("agent-dir"):
+                who += f" ({Path(str(node['agent-dir'])).name})"
+            raise FedscoreError(f"{who}: {' '.join(str(err).split())[:500]}") from err
+
+    return wrapped
+
+
 @app.query("describe")
+@_naming_the_agent
 def describe(msg: Message, context: Context) -> Message:
     """The agent's metadata: its index, folder name, resolved config and class counts. The
     agent is loaded here too, so a broken folder fails before the first step."""
@@ -105,6 +125,7 @@ def _array(record: ArrayRecord, key: str, dtype: str) -> torch.Tensor:
 
 
 @app.query("score")
+@_naming_the_agent
 def score(msg: Message, context: Context) -> Message:
     """s_i(x, t | y) of this node's agent, (B, ...) float32 on the CPU."""
     startup = process_age()

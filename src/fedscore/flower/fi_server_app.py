@@ -33,6 +33,7 @@ reason), and the per-call timings the benchmark reads.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,8 @@ class RemoteAgents:
         replies, failures = exchange(grid, messages, timeout, poll)
         if failures:
             node, why = sorted(failures.items())[0]
-            raise FedscoreError(f"SuperNode {node} did not describe its agent: {why}")
+            raise FedscoreError(f"SuperNode {node} did not describe its agent: "
+                                f"{_failure(why)}")
         agents = bind([describe_reply(replies[n], n, k) for n in nodes], k)
         for a in agents[1:]:
             for key in SAME:
@@ -224,7 +226,7 @@ class RemoteAgents:
         for a in self.agents:
             if a.node in failures:
                 raise FedscoreError(f"agent {a.index} ({a.name}, node {a.node}) failed at "
-                                    f"call {call}: {failures[a.node]}")
+                                    f"call {call}: {_failure(failures[a.node])}")
             try:
                 s, m = check_score(replies[a.node], a.index, call, tuple(x.shape))
             except Exception as err:  # hostile bytes may raise anything: this reply's fault
@@ -301,6 +303,13 @@ def check_score(reply: Message, index: int, call: int, shape: tuple[int, ...]
         raise FedscoreError("the scores are not all finite")
     metrics = {k: float(v) for k, v in content["metrics"].items()}
     return torch.from_numpy(np.array(values)), metrics
+
+
+def _failure(why: str) -> str:
+    """A failed reply's reason without Flower's wrapping: `exchange` gives "error 2:
+    <class 'X'>:<'text'>" for an exception the ClientApp raised; the text is what says why."""
+    found = re.fullmatch(r"error \d+: <class '[\w.]+'>:<'(.*)'>", why, flags=re.DOTALL)
+    return found.group(1) if found else why
 
 
 def _reason(err: Exception) -> str:
