@@ -62,16 +62,22 @@ def agent_of(node_config: dict, run_config: dict) -> tuple[int, Path]:
 
 
 _LOADED: dict[tuple, tuple[StackedAgents, Runtime]] = {}
+MAX_LOADED = 64
 
 
 def loaded(folder: Path, device: str | None, precision: str | None
            ) -> tuple[StackedAgents, Runtime]:
     """The agent of `folder` (load_agents with K = 1, as `sample_agents` loads it in-process)
-    and where it runs, kept for the next messages of this process."""
-    key = (str(folder.resolve()), device, precision)
+    and where it runs, kept for the next messages of this process: the simulation runtime
+    may serve several virtual nodes, i.e. several agents, from one process. A retrained
+    agent (a newer model file) is loaded afresh."""
+    model = folder / "model.safetensors"
+    key = (str(folder.resolve()), device, precision,
+           model.stat().st_mtime_ns if model.is_file() else None)
     if key not in _LOADED:
         runtime = agents_runtime([folder], device, precision)
-        _LOADED.clear()  # one agent per node: a new run's folder replaces the old one
+        if len(_LOADED) >= MAX_LOADED:  # a long-lived process: forget older runs' agents
+            _LOADED.clear()
         _LOADED[key] = (load_agents([folder], device=runtime.device), runtime)
     return _LOADED[key]
 
