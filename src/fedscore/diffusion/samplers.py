@@ -9,7 +9,13 @@ Every sampler is one step rule `(score_fn, x, s, s_next, noise_fn) -> (x_next, s
 by the single loop in `sample` (k-diffusion's shape: no hidden step counter). After each
 step the loop calls `observer.observe(x_prev, x_next, t_prev, t_next)` (the `Observer`
 protocol; federated inference's mixture tracks its agents' densities this way), and the
-optional `callback(dict)` with the step's score too.
+optional `callback(dict)` with the step's score too. Before the first step it calls
+`begin_sampling(x_T, times, method)` on the observer and on the score function where they
+have one, so a stateful score function (federated inference's mixture and route) starts
+afresh for each sampling call and can refuse a sampler it cannot follow.
+
+Each stochastic step is a Gaussian transition x' = a x + c score(x) + sqrt(v) eps; KERNELS
+gives its (a, c, v) for a step s -> s', so a watcher can read what the sampler injects.
 """
 
 from __future__ import annotations
@@ -94,6 +100,27 @@ def pf_ode_heun_step(score_fn, x, s, s_next, noise):
     return x + 0.5 * h * (d + d_next), score
 
 
+def exp_integrator_kernel(s: float, s_next: float) -> tuple[float, float, float]:
+    """(a, c, v) of eq. 24: a = e^h, c = 2 (e^h - 1), v = e^{2h} - 1."""
+    h = s - s_next
+    return math.exp(h), 2.0 * math.expm1(h), math.expm1(2 * h)
+
+
+def euler_maruyama_kernel(s: float, s_next: float) -> tuple[float, float, float]:
+    """(a, c, v) of Euler–Maruyama: a = 1 + h, c = 2h, v = 2h."""
+    h = s - s_next
+    return 1.0 + h, 2.0 * h, 2.0 * h
+
+
+def ancestral_kernel(s: float, s_next: float) -> tuple[float, float, float]:
+    """(a, c, v) of the DDPM ancestral step: a = 1/sqrt(alpha), c = beta/sqrt(alpha),
+    v = beta (1 - alpha_bar_{s'}) / (1 - alpha_bar_s)."""
+    h = s - s_next
+    beta = -math.expm1(-2.0 * h)
+    root = math.sqrt(1.0 - beta)
+    return 1.0 / root, beta / root, beta * (-math.expm1(-2.0 * s_next)) / (-math.expm1(-2.0 * s))
+
+
 SAMPLERS: dict[str, Step] = {
     "exp-integrator": exp_integrator_step,
     "euler-maruyama": euler_maruyama_step,
@@ -102,6 +129,14 @@ SAMPLERS: dict[str, Step] = {
     "pf-ode-heun": pf_ode_heun_step,
 }
 STOCHASTIC = {"exp-integrator", "euler-maruyama", "ancestral"}
+KERNELS: dict[str, Callable[[float, float], tuple[float, float, float]]] = {
+    "exp-integrator": exp_integrator_kernel,
+    "euler-maruyama": euler_maruyama_kernel,
+    "ancestral": ancestral_kernel,
+}
+"""The stochastic samplers' steps as Gaussian transitions: KERNELS[m](s, s') = (a, c, v) with
+x' = a x + c score(x, s) + sqrt(v) eps (the step functions compute the same numbers; a test
+checks they agree). The deterministic samplers have none: they inject no noise."""
 
 
 def prior(
@@ -131,6 +166,9 @@ def sample(
         observer explicitly when score_fn wraps it (e.g. `clip_denoised(mixture)` with
         observer=mixture); an explicit observer replaces the default, it is not added.
     callback: receives {"k", "x", "x_next", "t", "t_next", "score"} after every step.
+    Before the first step, `begin_sampling(x_T, times, method)` is called on the observer and
+    on score_fn (once each) where they define it: the hook by which a stateful score function
+    resets itself, and refuses (FedscoreError) a sampler it cannot follow.
     """
     if method not in SAMPLERS:
         raise unknown("sampler", method, SAMPLERS)
@@ -148,6 +186,10 @@ def sample(
             f"observer must have a method observe(x_prev, x_next, t_prev, t_next); got "
             f"{type(observer).__name__}"
         )
+    for watcher in {id(w): w for w in (observer, score_fn) if w is not None}.values():
+        begin = getattr(watcher, "begin_sampling", None)
+        if callable(begin):
+            begin(x_T, times, method)
     x = x_T
 
     def noise() -> Tensor:

@@ -14,21 +14,65 @@ import torch
 from torch import Tensor
 
 from fedscore import diffusion
+from fedscore.inference.agents import StackedAgents
 from fedscore.inference.aggregators import combine
 
 
-def agents_score_fn(agents, labels: Tensor, aggregator: str, *, clip: bool = False):
+def agents_score_fn(agents, labels: Tensor, aggregator: str, *, clip: bool = False,
+                    generator: torch.Generator | None = None):
     """The score of K agents (StackedAgents) combined by `aggregator` (FI paper; SPEC §3)
-    with `labels` (B,) bound. Weighted aggregators use the agents' per-class counts of each
-    sample's label; `mean` needs none. clip: each agent's denoised estimate clipped to
-    [-1, 1] (diffusion.clip_denoised); the combination of clipped agents stays in range, its
-    weights summing to one. The returned callable is the aggregator (the mixture's weights
-    are read from it with `weights_now()`)."""
+    with `labels` (B,) bound. Weighted aggregators (all but `mean`) use the agents' per-class
+    counts of each sample's label. clip: the denoised estimate clipped to [-1, 1]
+    (diffusion.clip_denoised): for `mixture` the combined score is clipped and the weights
+    are tracked with the unclipped agents' scores (a clipped field is not a gradient, so
+    tracking it would not give log q_t^i); for `route` each sample's one agent is clipped;
+    for the others each agent is clipped, and their combination stays in range. `route`
+    evaluates each agent only on the samples routed to it (its labels with them), drawing
+    the routes from `generator`. The returned callable is the aggregator (the mixture's
+    weights are read from it with `weights_now()`, route's assignment from `assignment`)."""
+    weights = agents.weights_for(labels) if aggregator != "mean" else None
+    if aggregator == "route":
+        singles = _single_agents(agents)
+        fns = (agents.with_labels(labels) if singles is None
+               else [_OneAgent(one, labels) for one in singles])
+        return combine(fns, "route", weights=weights, generator=generator, clip=clip)
     bound = agents.with_labels(labels)
+    if aggregator == "mixture":
+        return combine(bound, "mixture", weights=weights, clip=clip)
     if clip:
         bound = diffusion.clip_denoised(bound)
-    weights = agents.weights_for(labels) if aggregator != "mean" else None
     return combine(bound, aggregator, weights=weights)
+
+
+def _single_agents(agents) -> list | None:
+    """Each of stacked agents as a one-agent StackedAgents (its parameters are views of the
+    stack's, not copies), wrapped as `agents` is when it wraps one (runs.sampling.OnDevice:
+    `.score` and `.runtime`); None for anything else (route then evaluates the whole
+    stack)."""
+    inner = agents if isinstance(agents, StackedAgents) else getattr(agents, "score", None)
+    if not isinstance(inner, StackedAgents):
+        return None
+    singles = [StackedAgents(inner.model, {k: v[i : i + 1] for k, v in inner.params.items()},
+                             inner.parameterisation, strategy="sequential")
+               for i in range(inner.n_agents)]
+    if inner is not agents:
+        singles = [type(agents)(one, agents.runtime) for one in singles]
+    return singles
+
+
+class _OneAgent:
+    """One agent (a one-agent StackedAgents, or a wrapper of one) as a score function of the
+    batch rows routed to it: `for_rows(idx)` binds those rows' labels (route calls it)."""
+
+    def __init__(self, agent, labels: Tensor | None):
+        self.agent, self.labels = agent, labels
+
+    def for_rows(self, rows: Tensor) -> _OneAgent:
+        labels = None if self.labels is None else self.labels[rows.to(self.labels.device)]
+        return _OneAgent(self.agent, labels)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.agent.with_labels(self.labels)(x, t)[0]
 
 
 def draw(score_fn: Callable, n: int, shape: tuple[int, ...], times: Tensor, method: str,
