@@ -42,6 +42,8 @@ DeviceOpt = Annotated[str | None, typer.Option(
 PrecisionOpt = Annotated[str | None, typer.Option(
     help="The networks' compute precision: auto|fp32|bf16|fp16 (auto: bf16 where the "
          "device has it natively). Default: the config's `precision`.")]
+# 2^62 - 1 is config.MAX_SEED (not imported here: --help stays fast)
+SeedOpt = Annotated[int, typer.Option(min=0, max=2**62 - 1, help="Seed (0 to 2^62-1).")]
 RunDeviceOpt = Annotated[str | None, typer.Option(
     help="Where the networks run: auto|cpu|cuda|cuda:N|mps (default auto: CUDA when "
          "present).")]
@@ -120,7 +122,7 @@ def train(
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
     n: Annotated[int, typer.Option(help="Number of samples.")] = 1000,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     out: Annotated[Path | None, typer.Option(help="Folder for the outputs.")] = None,
     device: RunDeviceOpt = None,
     precision: RunPrecisionOpt = None,
@@ -138,7 +140,7 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
     samples: Annotated[Path | None, typer.Option(help="samples.npz to score.")] = None,
     n: Annotated[int, typer.Option(help="Samples to draw when there are none.")] = 1000,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     inception_weights: Annotated[Path | None, typer.Option(
         help="Local Inception-v3 weights (pytorch-fid's file) for Inception FID/IS.")] = None,
     device: RunDeviceOpt = None,
@@ -246,7 +248,7 @@ def agents_sample(
         "mixture"),
     per_label: Annotated[int, typer.Option(help="Samples per label.")] = 10,
     steps: Annotated[int, typer.Option(help="Exponential-integrator steps.")] = 100,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     device: RunDeviceOpt = None,
     precision: RunPrecisionOpt = None,
 ) -> None:
@@ -302,7 +304,7 @@ def reproduce_fi(
     out: Annotated[Path, typer.Option(help="Folder of the agents and the report.")] = Path(
         "runs/federated-inference"),
     budget: Annotated[str, typer.Option(help="cpu (~25 min) or quick (seconds).")] = "cpu",
-    seed: int = 0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
@@ -318,7 +320,7 @@ def reproduce_pruning(
     out: Annotated[Path, typer.Option(help="Folder of the eight runs and the report.")] = Path(
         "runs/pruning"),
     budget: Annotated[str, typer.Option(help="cpu (~7 min) or quick (seconds).")] = "cpu",
-    seed: int = 0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
@@ -341,7 +343,8 @@ def experiment_run(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Folder of the experiment (default runs/<preset>).")] = None,
     dataset: DatasetOpt = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (default: the preset's).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=2**62 - 1, help="Seed (default: the preset's).")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:

@@ -236,8 +236,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         node = out
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `--set train.steps=1 --set train.steps.x=1`
+                section = ".".join(parents[: i + 1])
+                raise FedscoreError(f"override {pair!r}: {section} was set to a value by "
+                                    "an earlier override, it has no keys")
         node[leaf] = yaml.safe_load(value)
     return out
 
@@ -258,9 +262,11 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise FedscoreError(f"{what} {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise FedscoreError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise FedscoreError(f"{what} {str(path)!r} is not a UTF-8 text file") from None
     if not isinstance(raw, dict):
         raise FedscoreError(f"{what} {str(path)!r} must hold a mapping of settings")
     return raw

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import fedscore
 from fedscore.cli import main
+
+SRC = str(Path(fedscore.__file__).resolve().parents[1])  # this checkout's code, from any folder
 
 
 def files_under(root: Path) -> set[str]:
@@ -61,6 +64,7 @@ BAD = [
     (["--out", "runs/my run"], ["--out", "'my run'"]),
     (["--out", "/"], ["--out", "''"]),
     (["--config", "missing.yaml"], ["missing.yaml", "does not exist"]),
+    (["--set", "train.steps=1", "--set", "train.steps.x=1"], ["train.steps", "no keys"]),
 ]
 
 
@@ -87,6 +91,20 @@ def test_bad_yaml_in_a_config_file_is_one_message(sandbox, monkeypatch, capsys):
     assert files_under(root) == before
 
 
+def test_a_binary_config_file_is_one_message(sandbox, monkeypatch, capsys):
+    root, cwd = sandbox
+    (cwd / "c.yaml").write_bytes(bytes(range(256)))
+    code, _, err = run_main(monkeypatch, capsys, cwd, "train", "--config", "c.yaml")
+    assert code == 2 and "not a UTF-8 text file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_a_sampling_seed_out_of_range_is_a_usage_error(sandbox, monkeypatch, capsys, seed):
+    root, cwd = sandbox
+    code, _, err = run_main(monkeypatch, capsys, cwd, "sample", ".", "--seed", seed)
+    assert code == 2 and "--seed" in err and "Traceback" not in err
+
+
 def test_out_may_climb_out_but_the_run_lands_exactly_there_and_nowhere_else(
         sandbox, monkeypatch, capsys):
     # --out x/../../y is ../y: the folder y beside cwd, and no stray empty x/ inside cwd
@@ -107,7 +125,7 @@ def test_the_installed_entry_point_prints_no_traceback_for_a_bad_value(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "fedscore.cli", "train", "--set", "diffusion.T=.inf"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
-        env={**os.environ, "FEDSCORE_CACHE": str(tmp_path / "cache")})
+        env={**os.environ, "FEDSCORE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": SRC})
     assert proc.returncode == 2
     assert proc.stderr.startswith("fedscore: error: ") and "diffusion.T" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+import fedscore
 from fedscore.cli import fault_message, main
 from fedscore.config import load_config
 from fedscore.data import sources
@@ -22,6 +23,9 @@ from fedscore.federated.setup import prepare, size_notes
 
 TINY = ["--set", "model.options={hidden: 8, depth: 1}", "--set", "train.eval_batch=4",
         "--set", "train.batch_size=8", "--set", "train.checkpoint_every=1"]
+
+
+SRC = str(Path(fedscore.__file__).resolve().parents[1])  # this checkout's code, from any folder
 
 
 def run_main(monkeypatch, capsys, *args: str):
@@ -90,7 +94,7 @@ def test_a_really_full_tmpfs_stops_the_run_with_one_message_and_keeps_the_last_c
         cp -a {disk}/run {kept}
     """
     env = {**os.environ, "FEDSCORE_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join(sys.path)}
+           "PYTHONPATH": SRC}
     proc = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stderr, (tmp_path / "first.err").read_text())
