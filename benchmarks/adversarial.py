@@ -111,8 +111,10 @@ def numeric_cases() -> list[Case]:
 def name_cases() -> list[Case]:
     names = ["../../x", "/tmp/fedscore-escaped", "", "..", ".", "a/b", "-x", "x" * 200,
              "a b", "r\u00e9sum\u00e9", "x\\y", "~/x"]
-    cases = [Case(f"name={n!r}", "names", ["train", "--set", f"name={n}"]) for n in names]
-    cases += [Case(f"--out {o!r}", "names", ["train", "--out", o])
+    # no --out: a name that got through would write under cwd/runs/<name> (or escape it)
+    cases = [Case(f"name={n!r}", "names", ["train", *SAFE, "--set", f"name={n}"],
+                  setup="no-out") for n in names]
+    cases += [Case(f"--out {o!r}", "names", ["train", *SAFE, "--out", o])
               for o in ["out/my run", "/", "out/-x"]]
     cases.append(Case("--out x/../../y", "names",
                       ["train", "--out", "x/../../y", "--set", "train.steps=1", *TOY],
@@ -318,7 +320,8 @@ def run_case(case: Case, root: Path, shared: Path, repo: Path) -> dict:
     cwd.mkdir(parents=True)
     prepare(case, base, cwd, out, shared)
     args = [a.replace("{repo}", str(repo)).replace("{out}", str(out)) for a in case.args]
-    if case.args[0] in ("train", "agents", "flower") and "--out" not in args:
+    if case.args[0] in ("train", "agents", "flower") and "--out" not in args \
+            and case.setup != "no-out":
         args += ["--out", str(out)]
     before = files(base)
     env = {**os.environ, "FEDSCORE_CACHE": str(base / "cache"), "OMP_NUM_THREADS": "1"}
@@ -363,7 +366,10 @@ def run_case(case: Case, root: Path, shared: Path, repo: Path) -> dict:
             problems.append(f"{len(errors)} error lines")
     if case.id == "disk full mid-resume" and not problems:
         problems += check_kept(base)
-    message = (errors or usage or err.strip().splitlines()[-1:] or [""])[0]
+    lines = err.strip().splitlines()
+    first = (errors or usage or lines[-1:] or [""])[0]
+    at = lines.index(first) if first in lines else 0
+    message = " ".join(ln.strip() for ln in lines[at: at + 2]) if first.endswith(":") else first
     return {"rc": proc.returncode, "clean": not problems, "problems": problems,
             "message": message[:300], "seconds": round(seconds, 1)}
 
