@@ -54,7 +54,8 @@ FED = ["--config", "{repo}/configs/flower-toy.yaml", "--set", "federation.rounds
 SAFE = ["--set", "train.steps=1", "--set", "train.eval_batch=4", "--set",
         "model.options={hidden: 8, depth: 1}"]  # were a bad value accepted: a tiny run
 MNIST = ["--set", "data.name=mnist5k", "--set", "model.kind=unet", "--set", "train.steps=1",
-         "--set", "train.batch_size=2", "--set", "train.eval_batch=2"]
+         "--set", "train.batch_size=2", "--set", "train.eval_batch=2", "--set", "sample.n=2",
+         "--set", "sample.steps=2"]  # train samples sample.n at the end: keep it cheap
 
 
 @dataclass
