@@ -509,14 +509,17 @@ def main() -> None:
               f"{sum(c.group == g for c in clean):6d}")
     print(f"{'total':11s} {len(tried):6d} {len(clean):6d}   bad inputs tried / clean errors "
           f"(expected-to-work cases: {sum(c.expect == 'ok' for c in tried)})")
-    print(f"kill -9 faults injected / survived: {len(kills)} / "
-          f"{sum(k['survived'] for k in kills)}")
+    killed = [k for k in kills if k["killed"]]  # a run that finished first was not hit
+    print(f"kill -9 faults injected / survived: {len(killed)} / "
+          f"{sum(k['survived'] for k in killed)} (runs that finished before their kill: "
+          f"{len(kills) - len(killed)})")
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "tried": len(tried), "clean": len(clean),
-            "kills": {"injected": len(kills), "survived": sum(k["survived"] for k in kills),
+            "kills": {"injected": sum(k["killed"] for k in kills),
+                      "survived": sum(k["survived"] for k in kills if k["killed"]),
                       "points": kills},
             "cases": [asdict(c) for c in cases]}, indent=1))
 

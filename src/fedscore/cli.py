@@ -458,6 +458,8 @@ def fault_message(err: BaseException) -> str | None:
         reason = err.strerror or str(err)
         if err.errno in DISK_FULL:
             return _disk_full(f"{reason}{where}")
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # e.g. --out names a file
+            return f"{reason}{where}: a folder is needed there, not a file"
         if err.errno in NOT_ALLOWED:
             return (f"{reason}{where}: check its permissions, or choose another folder "
                     "(--out; FEDSCORE_CACHE for the cache)")

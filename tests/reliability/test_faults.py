@@ -115,6 +115,7 @@ def test_a_really_full_tmpfs_stops_the_run_with_one_message_and_keeps_the_last_c
     (OSError(errno.EDQUOT, "Disk quota exceeded"), ["disk is full", "quota"]),
     (PermissionError(errno.EACCES, "Permission denied", "/ro"), ["Permission denied", "/ro"]),
     (OSError(errno.EROFS, "Read-only file system", "/mnt"), ["Read-only", "--out"]),
+    (FileExistsError(errno.EEXIST, "File exists", "f"), ["(f)", "not a file"]),
     (MemoryError(), ["out of memory", "batch"]),
 ])
 def test_faults_of_the_machine_become_one_message(err, words):
