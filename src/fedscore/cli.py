@@ -1,13 +1,20 @@
 """The `fedscore` command line: one small function per command (DESIGN principle 9).
 
 Each command builds a config, calls one library function and prints where its outputs are.
-Bad input (a FedscoreError) is printed as one message with exit code 2, never a traceback.
+Bad input (a FedscoreError) is printed as one message with exit code 2, never a traceback;
+so are faults of the machine a command runs on (a full disk, a folder it may not write, a
+damaged safetensors file, too little memory: `fault_message`). Library warnings (a cache
+rebuilt, mini-batches larger than a worker's data) are printed as `fedscore: warning: ...`.
 Each command imports its machinery inside its own body, so that `fedscore --help` and a
 mistyped command answer at once instead of after importing torch, Flower and Ray.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +42,8 @@ DeviceOpt = Annotated[str | None, typer.Option(
 PrecisionOpt = Annotated[str | None, typer.Option(
     help="The networks' compute precision: auto|fp32|bf16|fp16 (auto: bf16 where the "
          "device has it natively). Default: the config's `precision`.")]
+# 2^62 - 1 is config.MAX_SEED (not imported here: --help stays fast)
+SeedOpt = Annotated[int, typer.Option(min=0, max=2**62 - 1, help="Seed (0 to 2^62-1).")]
 RunDeviceOpt = Annotated[str | None, typer.Option(
     help="Where the networks run: auto|cpu|cuda|cuda:N|mps (default auto: CUDA when "
          "present).")]
@@ -54,8 +63,25 @@ def _config(config: Path | None, overrides: list[str] | None, out: Path | None,
 
     fields = _runtime_fields(device, precision)
     if out is not None:
-        fields |= {"out_dir": str(out.parent), "name": out.name}
+        fields |= _out_fields(out)
     return load_config(config, overrides or [], **fields)
+
+
+def _out_fields(out: Path) -> dict[str, str]:
+    """--out as the config's out_dir and name. --out may be any folder; its own name becomes
+    the run's name, which must be a safe one (config.NAME_PATTERN). '..' is resolved in the
+    text (x/../../y is ../y), so no stray x/ is created on the way; '.' and '..' name the
+    folder they stand for."""
+    from fedscore.config import NAME_PATTERN
+
+    out = Path(os.path.normpath(out))
+    if out.name in ("", ".", ".."):
+        out = Path(os.path.abspath(out))
+    if not re.match(NAME_PATTERN, out.name):
+        raise FedscoreError(
+            f"--out {str(out)!r}: the run folder's own name must be letters, digits, '.', '_' "
+            f"and '-', starting with a letter or digit (got {out.name!r})")
+    return {"out_dir": str(out.parent), "name": out.name}
 
 
 @app.command()
@@ -96,7 +122,7 @@ def train(
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
     n: Annotated[int, typer.Option(help="Number of samples.")] = 1000,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     out: Annotated[Path | None, typer.Option(help="Folder for the outputs.")] = None,
     device: RunDeviceOpt = None,
     precision: RunPrecisionOpt = None,
@@ -114,7 +140,7 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
     samples: Annotated[Path | None, typer.Option(help="samples.npz to score.")] = None,
     n: Annotated[int, typer.Option(help="Samples to draw when there are none.")] = 1000,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     inception_weights: Annotated[Path | None, typer.Option(
         help="Local Inception-v3 weights (pytorch-fid's file) for Inception FID/IS.")] = None,
     device: RunDeviceOpt = None,
@@ -222,7 +248,7 @@ def agents_sample(
         "mixture"),
     per_label: Annotated[int, typer.Option(help="Samples per label.")] = 10,
     steps: Annotated[int, typer.Option(help="Exponential-integrator steps.")] = 100,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     device: RunDeviceOpt = None,
     precision: RunPrecisionOpt = None,
     deployment: Annotated[str, typer.Option(
@@ -287,7 +313,7 @@ def reproduce_fi(
     out: Annotated[Path, typer.Option(help="Folder of the agents and the report.")] = Path(
         "runs/federated-inference"),
     budget: Annotated[str, typer.Option(help="cpu (~25 min) or quick (seconds).")] = "cpu",
-    seed: int = 0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
@@ -303,7 +329,7 @@ def reproduce_pruning(
     out: Annotated[Path, typer.Option(help="Folder of the eight runs and the report.")] = Path(
         "runs/pruning"),
     budget: Annotated[str, typer.Option(help="cpu (~7 min) or quick (seconds).")] = "cpu",
-    seed: int = 0,
+    seed: SeedOpt = 0,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
@@ -326,7 +352,8 @@ def experiment_run(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Folder of the experiment (default runs/<preset>).")] = None,
     dataset: DatasetOpt = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (default: the preset's).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        min=0, max=2**62 - 1, help="Seed (default: the preset's).")] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
@@ -391,7 +418,7 @@ def flower_run(
         if not (sep and n.strip().isdigit() and dev.strip()):
             raise FedscoreError(f"--node-device {item!r} must look like N=DEVICE, e.g. 1=cuda:1")
         devices[int(n)] = dev.strip()
-    folder = run_flower(cfg, out or cfg.run_dir(), deployment=deployment, nodes=nodes,
+    folder = run_flower(cfg, cfg.run_dir(), deployment=deployment, nodes=nodes,
                         tls=tls or auth, auth=auth, resume=resume, round_timeout=round_timeout,
                         start_wait=start_wait, node_wait=node_wait, min_replies=min_replies,
                         node_devices=devices or None, client_cpus=client_cpus,
@@ -426,16 +453,87 @@ def demo(
     _run("demo", out, budget="quick" if quick else None, device=device, precision=precision)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def fault_message(err: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of the code (issue 16 item 7): a full
+    disk (OSError 28 or 122, or safetensors' wrapping of it), a folder or file it may not
+    write, other OS errors, a damaged safetensors file, too little memory. None for anything
+    else: a bug keeps its traceback."""
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        reason = err.strerror or str(err)
+        if err.errno in DISK_FULL:
+            return _disk_full(f"{reason}{where}")
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # e.g. --out names a file
+            return f"{reason}{where}: a folder is needed there, not a file"
+        if err.errno in NOT_ALLOWED:
+            return (f"{reason}{where}: check its permissions, or choose another folder "
+                    "(--out; FEDSCORE_CACHE for the cache)")
+        return f"{reason}{where}"
+    if type(err).__name__ == "SafetensorError":  # safetensors' one error type, read or write
+        os_error = re.search(r"os error (\d+)", str(err))  # its wrapping of an OSError
+        if os_error and int(os_error.group(1)) in DISK_FULL:
+            return _disk_full(str(err))
+        if os_error:
+            return f"a safetensors file could not be written or read: {err}"
+        return (f"a safetensors file could not be read ({err}); it is damaged, truncated or "
+                "not a safetensors file")
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return ("out of memory: lower the batch sizes (train.batch_size, "
+                "federation.batch_size, train.eval_batch), the model size or sample.n")
+    return None
+
+
+def _disk_full(detail: str) -> str:
+    return (f"the disk is full: {detail}. Files are replaced atomically, so the last "
+            "checkpoint is intact: free some space and run the command again (`train "
+            "--resume` continues a run from its last checkpoint)")
+
+
+class _WarningLines(logging.Handler):
+    """A warning of the library as one `fedscore: warning: ...` line on the stderr of the
+    moment (looked up per line, so a test's captured stderr gets it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"fedscore: warning: {record.getMessage()}", err=True)
+
+
+def _print_warnings() -> None:
+    """The library's warnings (logger "fedscore") on stderr; informational records stay
+    quiet."""
+    logger = logging.getLogger("fedscore")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):  # main() called again
+        logger.addHandler(_WarningLines(logging.WARNING))
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"fedscore: error: {message}", err=True)
+    sys.exit(2)
+
+
 def main() -> None:
-    """Entry point: a FedscoreError becomes one clear line on stderr and exit code 2."""
+    """Entry point: a FedscoreError, or a fault of the machine (`fault_message`), becomes one
+    clear line on stderr and exit code 2."""
+    _print_warnings()
     try:
         app()
     except FedscoreError as err:
-        typer.echo(f"fedscore: error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
     except KeyboardInterrupt:
         typer.echo("fedscore: interrupted; the last checkpoint is kept", err=True)
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader of stdout went away (`fedscore experiment list | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except Exception as err:
+        message = fault_message(err)
+        if message is None:
+            raise
+        _fail(message)
 
 
 if __name__ == "__main__":

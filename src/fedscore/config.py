@@ -39,6 +39,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 separators, not '.' or '..'), so a name never writes outside its output folder."""
 
 
+MAX_SEED = 2**62 - 1
+"""The largest run seed: the streams derived from it (the data split's SPLIT_SEED + 2 seed + 1,
+held-out seeds + 20000) still fit the 64 bits a torch.Generator takes."""
+
+
 class Strict(BaseModel):
     # allow_inf_nan=False: `train.lr=.inf` or `diffusion.T=.nan` is refused at the edge
     # instead of training a model of NaNs
@@ -180,7 +185,7 @@ class TheoryConfig(Strict):
 class RunConfig(Strict):
     name: str = Field("run", pattern=NAME_PATTERN)
     """The run folder's name under `out_dir`: letters, digits, '.', '_', '-'."""
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     out_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -209,9 +214,11 @@ def describe(err: ValidationError, source: str) -> str:
             continue  # the "none" branch of a `none | settings` union: not what was meant
         # pydantic names union branches and validators in the path; users name fields
         field = ".".join(str(p) for p in e["loc"] if "[" not in str(p)) or "(top level)"
-        if e["type"] == "string_pattern_mismatch" and field == "name":
+        if field == "name" and e["type"] in ("string_pattern_mismatch", "string_type"):
+            got = e.get("input")  # `--set name=` reads as YAML's null
+            got = "an empty name" if got in (None, "") else repr(got)
             lines.append(f"  name: a run name is one folder name: letters, digits, '.', '_' "
-                         f"and '-', starting with a letter or digit (got {e.get('input')!r}); "
+                         f"and '-', starting with a letter or digit (got {got}); "
                          "choose the parent folder with --out")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key (check its spelling)")
@@ -229,8 +236,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         node = out
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `--set train.steps=1 --set train.steps.x=1`
+                section = ".".join(parents[: i + 1])
+                raise FedscoreError(f"override {pair!r}: {section} was set to a value by "
+                                    "an earlier override, it has no keys")
         node[leaf] = yaml.safe_load(value)
     return out
 
@@ -251,9 +262,11 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise FedscoreError(f"{what} {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise FedscoreError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise FedscoreError(f"{what} {str(path)!r} is not a UTF-8 text file") from None
     if not isinstance(raw, dict):
         raise FedscoreError(f"{what} {str(path)!r} must hold a mapping of settings")
     return raw

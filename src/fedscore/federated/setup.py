@@ -17,8 +17,9 @@ ahead; the data (images, labels, partition indices) are moved to the runtime's d
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,8 @@ from fedscore.runtime import CPU_FP32, Runtime
 
 Params = dict[str, Tensor]
 
+log = logging.getLogger(__name__)
+
 
 def keep_ratios(fed: FederationConfig) -> list[float]:
     """Each worker's keep ratio: the config's explicit list, or its pruning level's."""
@@ -51,6 +54,35 @@ def local_steps(fed: FederationConfig, sizes: list[int]) -> int:
     if fed.local_epochs is None:
         return fed.local_steps
     return max(1, math.ceil(fed.local_epochs * max(sizes) / fed.batch_size))
+
+
+def size_notes(cfg: RunConfig, train_sizes: list[int], test_size: int | None = None,
+               ) -> list[str]:
+    """What a config's batch sizes do to data smaller than them (issue 16 item 6), as
+    warnings to log and record, not errors: both are well defined, but should not be silent.
+
+    train_sizes: the images each worker holds (one entry: centralised training). A batch
+    larger than that is drawn with replacement like every batch (`batches.RoundBatches`), so
+    it repeats images, each copy with its own time and noise. test_size: the test split; a
+    larger train.eval_batch evaluates held-out eq. 9 on the whole split (what
+    `runs.train.held_out_batch` takes)."""
+    federated = isinstance(cfg.federation, FederationConfig)
+    key, batch = (("federation.batch_size", cfg.federation.batch_size) if federated
+                  else ("train.batch_size", cfg.train.batch_size))
+    notes = []
+    small = [(n, size) for n, size in enumerate(train_sizes) if size < batch]
+    if small:
+        who = (", ".join(f"worker {n} ({size})" for n, size in small[:5])
+               + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+               if federated else f"the training split ({small[0][1]})")
+        notes.append(f"{key}={batch} is larger than the images held by {who}: their "
+                     f"mini-batches repeat images (drawn with replacement, each copy with its "
+                     f"own time and noise); lower {key} to avoid it")
+    if test_size is not None and cfg.train.eval_batch > test_size:
+        notes.append(f"train.eval_batch={cfg.train.eval_batch} is larger than the test split "
+                     f"of {cfg.data.name!r} ({test_size} images): held-out eq. 9 is evaluated "
+                     f"on all {test_size}")
+    return notes
 
 
 def partition_kwargs(fed: FederationConfig) -> dict:
@@ -152,6 +184,8 @@ class FederationSetup(ModelSetup):
     parts: list[Tensor] = None
     loss_fn: object = None
     steps: int = 0
+    notes: list[str] = field(default_factory=list)
+    """`size_notes` of this federation (already logged): for the run folder to record."""
 
     def batches(self, q: int, workers: list[int]) -> RoundBatches:
         """Round q's batches (x0, y, t, eps) of the given workers, sizes (len, S): each
@@ -203,11 +237,17 @@ def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
         parts = [torch.arange(len(images))] * fed.workers
     total_time = float(base.times[0] - base.times[-1])
     device = runtime.device  # the data live where the workers train, once
+    sizes = [len(p) for p in parts]
+    # the held-out batch is drawn where the dataset is (not on a worker holding its own data)
+    test_size = None if own_data is not None else datasets.info(cfg.data.name).n["test"]
+    notes = size_notes(cfg, sizes, test_size)
+    for note in notes:
+        log.warning(note)
     return FederationSetup(
         **vars(base), images=images.to(device), labels=labels.to(device),
         parts=[p.to(device) for p in parts],
         loss_fn=make_loss(base.model, cfg, total_time, runtime),
-        steps=local_steps(fed, [len(p) for p in parts]),
+        steps=local_steps(fed, sizes), notes=notes,
     )
 
 
