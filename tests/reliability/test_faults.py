@@ -3,6 +3,7 @@ and the last checkpoint survives it; a damaged mnist5k cache is rebuilt; batches
 the data they are drawn from are warned about, not silent."""
 
 import errno
+import json
 import logging
 import os
 import shlex
@@ -224,3 +225,22 @@ def test_prepare_logs_the_notes_and_keeps_them_for_the_run_folder(caplog):
         f = prepare(cfg)
     assert len(f.notes) == 1 and f.notes[0] in caplog.text
     assert all(f"worker {n}" in f.notes[0] for n in range(3))
+
+
+def test_centralised_training_logs_its_size_notes_and_keeps_them_in_the_run_folder(
+        tmp_path, caplog):
+    """`fedscore train` of a config whose eval_batch exceeds the test split: the run goes on
+    (eq. 9 on the whole split), the warning is logged and kept in notes.json."""
+    from fedscore import data as datasets
+    from fedscore.runs.train import train_central
+
+    test_size = datasets.info("gmm:ring8").n["test"]
+    cfg = load_config(None, ["train.steps=2", "train.batch_size=8", "train.checkpoint_every=2",
+                             "train.log_every=1", f"train.eval_batch={test_size + 5}",
+                             f"out_dir={tmp_path}", "name=notes"])
+    with caplog.at_level(logging.WARNING, logger="fedscore.runs.train"):
+        result = train_central(cfg, progress=False)
+    notes = json.loads((result.folder.path / "notes.json").read_text())["warnings"]
+    assert len(notes) == 1 and f"train.eval_batch={test_size + 5}" in notes[0]
+    assert notes[0] in caplog.text
+    assert (result.folder.path / "model.safetensors").is_file()

@@ -58,6 +58,8 @@ def write_partition(folder: RunFolder, f: FederationSetup) -> None:
         "sizes": [len(p) for p in parts],
         "class_histogram": datasets.class_histogram(labels, parts).tolist(),
     })
+    if f.notes:  # already logged by `prepare`; kept beside the partition they describe
+        folder.write_json("notes.json", {"warnings": f.notes})
 
 
 def resume_state(folder: RunFolder, params: dict[str, Tensor]):

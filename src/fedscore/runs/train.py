@@ -14,6 +14,7 @@ marked failed with that reason.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.config import RunConfig, load_config
 from fedscore.errors import DivergenceError, FedscoreError
+from fedscore.federated.setup import size_notes
 from fedscore.io import atomic_write
 from fedscore.models import ema_update
 from fedscore.models.build import build_model_for, load_trained, save_weights
@@ -35,6 +37,8 @@ from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import model_score_fn, sample_model
 from fedscore.runtime import Runtime, from_config, pinned
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,6 +116,11 @@ def _train(cfg: RunConfig, folder: RunFolder, *, resume: bool, progress: bool, i
         start, ema = _restore(cfg, folder, model, opt, g, ema)
         folder.truncate_metrics("step", start)
     eval_x, eval_y = (v.to(runtime.device) for v in held_out_batch(cfg, cfg.train.eval_batch))
+    # a batch larger than the data, or a test split smaller than eval_batch: well defined,
+    # never silent (logged, and kept in the run folder)
+    notes = size_notes(cfg, [len(images)], len(eval_x) if len(eval_x) < cfg.train.eval_batch
+                       else None)
+    record_notes(folder, notes)
 
     steps = cfg.train.steps
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
@@ -176,6 +185,15 @@ def _train(cfg: RunConfig, folder: RunFolder, *, resume: bool, progress: bool, i
                           sample_shape=tuple(images.shape[1:]), num_classes=num_classes,
                           progress=progress, runtime=runtime)
     return TrainResult(folder, model, ema, loss_value, eq9, time.perf_counter() - t0)
+
+
+def record_notes(folder: RunFolder, notes: list[str]) -> None:
+    """Log a run's size warnings (`federated.setup.size_notes`) and keep them in the run
+    folder's notes.json (none: no file)."""
+    for note in notes:
+        log.warning(note)
+    if notes:
+        folder.write_json("notes.json", {"warnings": notes})
 
 
 def write_sample_grid(cfg: RunConfig, model: nn.Module, weights: dict[str, Tensor], path: Path,
