@@ -4,11 +4,12 @@ computed on their silos (SPEC §3 on Flower's Message API).
 The server holds no weights and no data. It learns K agents from one `query.describe`
 message per SuperNode (`fi_client_app`: each agent's index, resolved config and class
 counts), then runs THE sampling code of `fedscore agents sample` in-process
-(`inference.sampling.agents_score_fn` + `draw`, the same aggregator objects and samplers),
-with one change: the agents are `RemoteAgents`, a callable (x, t[, y]) -> (K, B, ...) whose
-every evaluation is one round of `query.score` messages — x_t of all samples as one batch,
-t and the labels to every agent — and the K replies stacked in agent order. With the same
-seed the samples equal the in-process ones (tests/flower/test_fi_flower.py).
+(`experiments.agents.sample_with`: `agents_score_fn` + `draw`, the same labels, grid,
+aggregator objects and sampler), with one change: the agents are `RemoteAgents`, a
+callable (x, t[, y]) -> (K, B, ...) whose every evaluation is one round of `query.score`
+messages — x_t of all samples as one batch, t and the labels to every agent — and the K
+replies stacked in agent order. With the same seed the samples equal the in-process ones
+(tests/flower/test_fi_flower.py).
 
 Replies are input and are checked against what was sent (`check_score`): the reply's
 records and keys, its agent index and call number, a float32 array of exactly x's shape
