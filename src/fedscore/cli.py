@@ -244,8 +244,10 @@ def agents_sample(
     run_dirs: Annotated[list[Path], typer.Argument(help="The agents' run folders.")],
     out: Annotated[Path, typer.Option(help="Folder for samples.npz and samples.png.")] = Path(
         "runs/fi-samples"),
-    aggregator: Annotated[str, typer.Option(help="mean, weighted, hybrid or mixture.")] = (
-        "mixture"),
+    aggregator: Annotated[str, typer.Option(
+        help="mean, weighted, hybrid, mixture (combined at every step) or route (each "
+             "sample drawn by one agent; on Flower one message per agent, none per step)."
+    )] = "mixture",
     per_label: Annotated[int, typer.Option(help="Samples per label.")] = 10,
     steps: Annotated[int, typer.Option(help="Exponential-integrator steps.")] = 100,
     seed: SeedOpt = 0,
@@ -256,7 +258,8 @@ def agents_sample(
              "agent on this machine) or simulation (Flower's simulation runtime).")] = (
         "inprocess"),
     step_timeout: Annotated[float, typer.Option(
-        help="Flower: seconds to wait for every agent's scores of one step.")] = 600.0,
+        help="Flower: seconds to wait for every agent's scores of one step (route: per "
+             "step, for the agents' samples).")] = 600.0,
 ) -> None:
     """Federated inference: sample with the agents combined at every reverse step (on
     Flower: each agent on its own SuperNode, its weights never leaving it)."""

@@ -1,13 +1,15 @@
 """Federated inference on Flower: each agent on its own SuperNode (real SuperLink and
 SuperNode processes, or Flower's simulation runtime), the server driving the in-process
-sampler with the agents' scores fetched per step. The samples equal `sample_agents`' for
-the same seed; every reply is checked against what was sent, and a bad one stops sampling
-with one error naming the agent."""
+sampler with the agents' scores fetched per step, or (`route`) each silo drawing its own
+rows from one message. The samples equal `sample_agents`' for the same seed; every reply is
+checked against what was sent, and a bad one stops sampling with one error naming the
+agent."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,26 +36,23 @@ from fedscore.flower.fi_server_app import (
     Agent,
     RemoteAgents,
     bind,
+    check_samples,
     check_score,
     describe_reply,
 )
 from fedscore.runs.evaluate import load_samples
 
 SHAPE = (6, 2)  # x of the unit tests: 6 samples of the 2-D toy
+FI_TOY = Path(__file__).parents[2] / "configs" / "fi-toy.yaml"
 
 
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory):
-    """Two tiny class-conditional MLP agents on the two-clients toy (3 training steps each:
-    equality with the in-process sampler does not need good agents)."""
+    """Two fi-toy agents (configs/fi-toy.yaml: class-conditional MLPs on the 8-mode ring),
+    trained 5 steps each: equality with the in-process sampler does not need good agents."""
     root = tmp_path_factory.mktemp("fi-agents")
-    cfg = load_config(
-        None, name="agents", out_dir=str(root), data={"name": "gmm:two-clients"},
-        model={"kind": "mlp", "conditional": True, "options": {"hidden": 16, "depth": 1}},
-        diffusion={"grid": "exponential", "steps": 10, "T": 5.0, "delta": 1e-3},
-        train={"steps": 3, "batch_size": 16, "checkpoint_every": 3, "log_every": 3,
-               "eval_batch": 8},
-    )
+    cfg = load_config(FI_TOY, out_dir=str(root),
+                      train={"steps": 5, "checkpoint_every": 5, "log_every": 5})
     return train_agents(cfg, "heterogeneous", root / "het", n_agents=2, progress=False)
 
 
@@ -126,6 +125,42 @@ def test_an_agent_that_fails_on_its_silo_is_one_clear_error_naming_it(agents, tm
     assert "agent 1 (agent-01)" in str(result.exception)
     assert not (out / "samples.npz").exists()
     assert json.loads((out / STATUS).read_text())["state"] == "failed"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_route_on_the_simulation_runtime_is_one_message_per_silo_and_the_in_process_route(
+        agents, tmp_path):
+    """`route` with K = 2 virtual SuperNodes: the server draws the assignment, each silo
+    samples its own rows from one query.route message (no per-step exchange), and the
+    assembled samples are the in-process route's for the same seed."""
+    pytest.importorskip("ray")
+    kw = {"per_label": 2, "steps": 3, "seed": 4}
+    want = in_process(agents, tmp_path / "ref", "route", **kw)
+    got = sample_agents_on(agents, tmp_path / "sim", deployment="simulation",
+                           aggregator="route", start_wait=120, step_timeout=300, **kw)
+    assert_same_samples(got, want)
+    (call,) = json.loads((tmp_path / "sim" / STATUS).read_text())["calls"]
+    assert call["kind"] == "route" and call["agents"] == [0, 1]  # both silos had rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_route_on_loopback_supernodes_through_the_cli_is_the_in_process_route(agents,
+                                                                             tmp_path):
+    """`fedscore agents sample A B --deployment loopback --aggregator route`: two real
+    SuperNodes, one message each; the in-process samples."""
+    kw = {"per_label": 2, "steps": 3, "seed": 4}
+    want = in_process(agents, tmp_path / "ref", "route", **kw)
+    out = tmp_path / "loop"
+    result = CliRunner().invoke(app, [
+        "agents", "sample", *map(str, agents), "--out", str(out), "--aggregator", "route",
+        "--per-label", "2", "--steps", "3", "--seed", "4", "--deployment", "loopback",
+        "--step-timeout", "100"])
+    assert result.exit_code == 0, result.output
+    assert_same_samples({"samples": out / "samples.npz"}, want)
+    (call,) = json.loads((out / STATUS).read_text())["calls"]
+    assert call["kind"] == "route" and len(call["score_seconds"]) == len(call["agents"])
 
 
 # ------------------------------------------------------------ what the server accepts
@@ -266,3 +301,67 @@ def test_bad_deployments_and_folders_are_clear_errors(agents, tmp_path):
         sample_agents_on(agents, tmp_path, deployment="loopback", aggregator="median")
     with pytest.raises(FedscoreError, match="not a run folder"):
         sample_agents_on([tmp_path / "nowhere"], tmp_path, deployment="loopback")
+
+
+# ------------------------------------------------------------ route: the silo's reply
+
+
+def route_query(labels, rows, steps=3, seed=4, call=0):
+    times = torch.tensor([5.0, 1.0, 0.1, 1e-3], dtype=torch.float64)[: steps + 1]
+    return message({"inputs": ArrayRecord({"y": Array(labels.numpy()),
+                                           "rows": Array(rows.numpy()),
+                                           "times": Array(times.numpy())}),
+                    "call": ConfigRecord({"call": call, "seed": seed,
+                                          "method": "exp-integrator"})}, "query.route"), times
+
+
+def test_a_silo_samples_its_own_rows_as_the_in_process_route_does(agents):
+    """Node 1's answer to query.route is exactly its rows of agent 1 sampling the whole
+    batch alone from the seed's noise (what the in-process route gives those rows), and
+    passes the server's checks; the other rows never leave it."""
+    from fedscore.experiments.agents import SAMPLER
+    from fedscore.inference import draw
+
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1,
+                                                         "agent-dir": str(agents[1])},
+                      state=RecordDict(), run_config={})
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    rows = torch.tensor([1, 4, 5])
+    query, times = route_query(labels, rows)
+    x, _ = check_samples(fi_client_app.route(query, context), 1, 0, rows, (3, 2))
+    stacked = load_agents(agents)
+    alone = draw(lambda z, t: stacked(z, t, labels)[1], len(labels), (2,), times, SAMPLER, 4)
+    torch.testing.assert_close(x, alone[rows], rtol=1e-5, atol=1e-5)
+    bad, _ = route_query(labels, torch.tensor([3, 3]))
+    with pytest.raises(FedscoreError, match="agent 1 .*rows outside 0..7 or repeated"):
+        fi_client_app.route(bad, context)
+
+
+def samples_reply(rows=(1, 4), values=None, agent=0, call=0, rows_dtype=np.int64, extra=None):
+    values = np.zeros((len(rows), 2), np.float32) if values is None else values
+    arrays = {"x": Array(values), "rows": Array(np.array(rows, rows_dtype))} | (extra or {})
+    return message({"samples": ArrayRecord(arrays),
+                    "call": ConfigRecord({"agent": agent, "call": call}),
+                    "metrics": MetricRecord({"score-seconds": 0.1})}, "query.route")
+
+
+@pytest.mark.parametrize("reply, why", [
+    (samples_reply(rows=(4, 1)), "other rows"),
+    (samples_reply(rows=(1, 5)), "other rows"),
+    (samples_reply(rows=(1, 4), rows_dtype=np.int32), "rows int32"),
+    (samples_reply(rows=(1, 4, 5), values=np.zeros((2, 2), np.float32)), r"rows .*\(2,\)"),
+    (samples_reply(values=np.zeros((3, 2), np.float32)), r"expected float32 \(2, 2\)"),
+    (samples_reply(values=np.full((2, 2), np.nan, np.float32)), "not all finite"),
+    (samples_reply(values=np.zeros((2, 2), np.float64)), "float64"),
+    (samples_reply(agent=1), "marked agent 1"),
+    (samples_reply(extra={"y": Array(np.zeros(2, np.int64))}), "expected rows, x"),
+])
+def test_a_route_reply_that_does_not_fit_what_was_sent_is_refused(reply, why):
+    with pytest.raises(FedscoreError, match=why):
+        check_samples(reply, 0, 0, torch.tensor([1, 4]), (2, 2))
+
+
+def test_a_well_formed_route_reply_is_accepted_as_sent():
+    values = np.arange(4, dtype=np.float32).reshape(2, 2)
+    x, metrics = check_samples(samples_reply(values=values), 0, 0, torch.tensor([1, 4]), (2, 2))
+    assert torch.equal(x, torch.from_numpy(values)) and metrics == {"score-seconds": 0.1}

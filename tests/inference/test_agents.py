@@ -204,3 +204,63 @@ def test_agents_must_be_class_conditional_and_regimes_known(tmp_path):
         train_agents(agent_cfg(tmp_path), "iid", tmp_path, progress=False)
     with pytest.raises(FedscoreError, match="class_counts.json"):
         load_agents([tmp_path / "nowhere"])
+
+
+# ---------------------------------------------------------------- route through sample_agents
+
+
+@pytest.fixture(scope="module")
+def three_agents(tmp_path_factory):
+    root = tmp_path_factory.mktemp("route-agents")
+    return train_agents(agent_cfg(root), "heterogeneous", root / "het", n_agents=3,
+                        progress=False)
+
+
+def test_sample_agents_routes_each_sample_to_one_agent_drawn_from_the_seed(three_agents,
+                                                                           tmp_path):
+    """`fedscore agents sample --aggregator route`: sample b is agent a_b's own sample, where
+    a ~ pi (each agent's count of b's label), drawn from route_generator(seed); the prior
+    and the sampler's noise are draw's for that seed, as for every aggregator."""
+    from fedscore.experiments.agents import SAMPLER, sample_agents
+    from fedscore.inference.sampling import route_generator
+    from fedscore.runs.evaluate import load_samples
+
+    kw = {"aggregator": "route", "per_label": 6, "steps": 4, "progress": False}
+    got, labels = load_samples(sample_agents(three_agents, tmp_path / "a", seed=5, **kw)
+                               ["samples"], (2,))
+    agents = load_agents(three_agents)
+    pi = agents.weights_for(labels)
+    assignment = torch.multinomial(pi / pi.sum(1, keepdim=True), 1,
+                                   generator=route_generator(5))[:, 0]
+    assert set(assignment.tolist()) == {0, 1, 2}  # every agent has rows in this draw
+    times = diffusion.time_grid("exponential", 4, T=5.0, delta=1e-3)
+    for i in range(3):  # agent i alone on the whole batch, from the same seed
+        alone = inference.draw(lambda x, t, i=i: agents(x, t, labels)[i], len(labels), (2,),
+                               times, SAMPLER, 5)
+        rows = assignment == i
+        torch.testing.assert_close(got[rows], alone[rows], rtol=1e-5, atol=1e-5)
+    again, _ = load_samples(sample_agents(three_agents, tmp_path / "b", seed=5, **kw)
+                            ["samples"], (2,))
+    other, _ = load_samples(sample_agents(three_agents, tmp_path / "c", seed=6, **kw)
+                            ["samples"], (2,))
+    assert torch.equal(again, got) and not torch.allclose(other, got)
+
+
+def test_every_sampling_call_routes_afresh(three_agents):
+    """diffusion.sample's begin_sampling hook: one route score function used for two draws
+    draws a new assignment for each (the generator's next draw), not the first one again."""
+    from fedscore.inference.sampling import route_generator
+
+    agents = load_agents(three_agents)
+    labels = torch.arange(4).repeat_interleave(8)
+    route = inference.agents_score_fn(agents, labels, "route", generator=route_generator(0))
+    times = diffusion.time_grid("exponential", 2, T=5.0, delta=1e-3)
+    pi = agents.weights_for(labels)
+    g = route_generator(0)
+    expected = [torch.multinomial(pi / pi.sum(1, keepdim=True), 1, generator=g)[:, 0]
+                for _ in range(2)]
+    for want in expected:
+        inference.draw(route, len(labels), (2,), times, "exp-integrator", 1)
+        assert torch.equal(route.assignment, want)
+    assert not torch.equal(expected[0], expected[1])
+    assert route.evaluations == 2 * 2 * len(labels)  # one agent per sample per step

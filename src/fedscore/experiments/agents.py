@@ -30,7 +30,7 @@ from fedscore.inference.agents import (
     read_class_counts,
 )
 from fedscore.inference.diagnostics import markdown_table, score_diagnostics, write_csv
-from fedscore.inference.sampling import agents_score_fn, draw
+from fedscore.inference.sampling import agents_score_fn, draw, route_generator
 from fedscore.io import atomic_write_text
 from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config, write_samples
 from fedscore.runs.folder import RunFolder
@@ -39,7 +39,7 @@ from fedscore.runs.sampling import on_device, sampling_grid
 from fedscore.runs.train import load_model, train_central
 from fedscore.runtime import CPU_FP32, Runtime, for_run, from_config, pinned
 
-AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture")
+AGGREGATOR_NAMES = ("mean", "weighted", "hybrid", "mixture", "route")
 """The aggregators an experiment or `fedscore agents sample` may name (SPEC §3)."""
 SAMPLER = "exp-integrator"
 
@@ -176,30 +176,57 @@ def sample_agents(run_dirs, out: str | Path, *, aggregator: str = "mixture",
     """Federated inference from trained agents' run folders: `per_label` samples of every
     label, the agents combined by `aggregator` at each of `steps` exponential-integrator
     steps (an SDE sampler: the mixture's density tracking needs its noise) on the agents'
-    sampling grid (their config's `sample.grid` over [delta, T]). Writes `samples.npz` (as
-    `fedscore sample` does, so `fedscore evaluate AGENT_DIR --samples` scores it) and
+    sampling grid (their config's `sample.grid` over [delta, T]); `route` assigns each
+    sample its agent from `inference.sampling.route_generator(seed)`. Writes `samples.npz`
+    (as `fedscore sample` does, so `fedscore evaluate AGENT_DIR --samples` scores it) and
     `samples.png` (one row per label) into `out`; returns their paths. device, precision:
     where the agents' networks run (`runtime.for_run`); the sampler and the aggregator stay
     on the CPU in fp32/fp64."""
+    check_sampling(aggregator, per_label, steps)
+    runtime = agents_runtime(run_dirs, device, precision)
+    agents = load_agents(run_dirs, device=runtime.device)
+    return sample_with(on_device(agents, runtime), out, aggregator=aggregator,
+                       per_label=per_label, steps=steps, seed=seed, progress=progress,
+                       where=f"{len(run_dirs)} agents")
 
+
+def check_sampling(aggregator: str, per_label: int, steps: int) -> None:
+    """The arguments every deployment of `fedscore agents sample` checks first."""
     if aggregator not in AGGREGATOR_NAMES:
         raise unknown("aggregator", aggregator, AGGREGATOR_NAMES)
     if per_label < 1 or steps < 1:
         raise FedscoreError(f"per_label and steps must be positive, got {per_label}, {steps}")
-    runtime = agents_runtime(run_dirs, device, precision)
-    agents = load_agents(run_dirs, device=runtime.device)
+
+
+def sample_with(agents, out: str | Path, *, aggregator: str, per_label: int, steps: int,
+                seed: int, progress: bool = False, where: str = "") -> dict[str, Path]:
+    """`sample_agents`' sampling and files for any agents-like object: a callable
+    (x, t[, y]) -> (K, B, ...) with what `agents_score_fn` reads (n_agents, with_labels,
+    weights_for) and `config` (the agents' RunConfig). In-process that is
+    StackedAgents; on Flower, the server's RemoteAgents (fi_server_app), hence the same
+    labels, grid, aggregator, sampler and seed, and so the same samples.
+
+    `route` with an object that defines `sample_routed(assignment, labels, shape, times,
+    method, seed)` leaves the sampling to it: the assignment is drawn here, exactly as the
+    in-process route draws it, and each agent draws its own rows where it lives (on Flower,
+    one message per silo instead of one per step). where: said in the figure's title."""
     cfg = agents.config
     info = datasets.info(cfg.data.name)
     labels = torch.arange(info.classes).repeat_interleave(per_label)
     times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
         update={"steps": steps})}))
-    score_fn = agents_score_fn(on_device(agents, runtime), labels, aggregator)
-    x = draw(score_fn, len(labels), tuple(info.shape), times, SAMPLER, seed, progress=progress)
+    shape = tuple(info.shape)
+    generator = route_generator(seed) if aggregator == "route" else None
+    score_fn = agents_score_fn(agents, labels, aggregator, generator=generator)
+    routed = getattr(agents, "sample_routed", None)
+    if aggregator == "route" and callable(routed):
+        x = routed(score_fn.assign(len(labels)), labels, shape, times, SAMPLER, seed)
+    else:
+        x = draw(score_fn, len(labels), shape, times, SAMPLER, seed, progress=progress)
     out = Path(out)
     npz = write_samples(out / SAMPLES, x, labels, seed)
     figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
-                        title=f"federated inference ({aggregator}, {len(run_dirs)} agents): "
-                              "one row per label")
+                        title=f"federated inference ({aggregator}, {where}): one row per label")
     return {"samples": npz, "figure": Path(figure)}
 
 

@@ -14,7 +14,15 @@ Two messages (`fi_server_app` sends them):
   query.score     x (B, ...) float32, forward times t (B,), labels y (B,) ->
                      this agent's score s_i(x, t | y), (B, ...) float32: the one forward
                      pass of `StackedAgents` with K = 1, on the node's device
-                     (`runtime.for_run`: node config `device`, else the run config's).
+                     (`runtime.for_run`: node config `device`, else the run config's);
+  query.route     seed, labels y (B,), the grid, the sampler and this agent's rows ->
+                     those rows' samples: `route`'s one message per silo. The silo runs
+                     THE sampling code (`inference.sampling.draw`: the prior noise of that
+                     seed, the unchanged sampler, the full batch) with a score function
+                     that is this agent's on its rows and zero elsewhere; the other rows
+                     are other agents' business and their values are dropped. A row's
+                     trajectory depends only on its own score and noise, and the noise is
+                     drawn for the full batch, so its rows are the in-process route's.
 The agent is loaded once per process (`loaded`); a deployment SuperNode of flwr 1.42 starts
 a fresh ClientApp process per message, so there it is loaded per step (see docs/flower.md,
 "Federated inference on Flower", for what that costs).
@@ -32,11 +40,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscore import data as datasets
 from fedscore.config import dump_config
 from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import agents_runtime, load_agents
 from fedscore.flower.client_app import process_age
 from fedscore.inference.agents import StackedAgents, read_class_counts
+from fedscore.inference.sampling import draw
 from fedscore.runs.evaluate import read_config
 from fedscore.runs.sampling import on_device
 from fedscore.runtime import Runtime
@@ -154,4 +164,39 @@ def score(msg: Message, context: Context) -> Message:
         "call": ConfigRecord({"agent": pid, "call": call}),
         "metrics": MetricRecord({"score-seconds": seconds, "load-seconds": load_s,
                                  "process-age-seconds": startup}),
+    }), reply_to=msg)
+
+
+@app.query("route")
+@_naming_the_agent
+def route(msg: Message, context: Context) -> Message:
+    """`route` on this silo: its rows of the batch sampled by its agent alone, (n, ...)
+    float32, with the rows echoed (the server checks them)."""
+    startup = process_age()
+    pid, folder, device, precision = _where(context)
+    torch.set_num_threads(int(context.node_config.get("threads", 1)))
+    inputs, meta = msg.content["inputs"], msg.content["call"]
+    y, rows = _array(inputs, "y", "int64"), _array(inputs, "rows", "int64")
+    times = _array(inputs, "times", "float64")
+    if y.ndim != 1 or rows.ndim != 1 or times.ndim != 1:
+        raise FedscoreError("the server sent labels, rows or times that are not 1-D")
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(y) or len(rows.unique()) < len(rows)):
+        raise FedscoreError(f"the server sent rows outside 0..{len(y) - 1} or repeated")
+    agents, runtime = loaded(folder, device, precision)
+    own = on_device(agents, runtime)
+    shape = tuple(datasets.info(agents.config.data.name).shape)  # this silo's own data's
+
+    def on_own_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = torch.zeros_like(x)
+        s[rows] = own(x[rows], t[rows], y[rows])[0].to(x.dtype)
+        return s
+
+    t0 = time.perf_counter()
+    x = draw(on_own_rows, len(y), shape, times, str(meta["method"]), int(meta["seed"]))
+    seconds = time.perf_counter() - t0
+    return Message(RecordDict({
+        "samples": ArrayRecord({"x": Array(x[rows].contiguous().numpy()),
+                                "rows": Array(rows.numpy())}),
+        "call": ConfigRecord({"agent": pid, "call": int(meta["call"])}),
+        "metrics": MetricRecord({"score-seconds": seconds, "process-age-seconds": startup}),
     }), reply_to=msg)

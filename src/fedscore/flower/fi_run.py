@@ -7,7 +7,8 @@ Each agent is a SuperNode holding its own run folder: on "loopback" a SuperLink 
 virtual SuperNodes (Ray), which learn their folder from the run config's `agent-dirs` by
 partition-id. The ServerApp (`fi_server_app`) drives the sampler and writes samples.npz and
 samples.png into `out`, as the in-process `sample_agents` does; Flower's home (logs) is
-`out/flower-home`. "inprocess" is `experiments.agents.sample_agents` itself.
+`out/flower-home`. "inprocess" is `experiments.agents.sample_agents` itself. Per-step
+aggregators exchange one round of messages per step; `route` one message per silo in all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from fedscore.errors import FedscoreError, unknown
-from fedscore.experiments.agents import AGGREGATOR_NAMES, sample_agents
+from fedscore.experiments.agents import check_sampling, sample_agents
 from fedscore.flower.launch import LocalFlowerCluster, tail
 from fedscore.inference.agents import read_class_counts
 from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config
@@ -107,10 +108,7 @@ def sample_agents_on(run_dirs, out: str | Path, *, deployment: str = "inprocess"
     if deployment == "inprocess":
         return sample_agents(run_dirs, out, aggregator=aggregator, per_label=per_label,
                              steps=steps, seed=seed, device=device, precision=precision)
-    if aggregator not in AGGREGATOR_NAMES:
-        raise unknown("aggregator", aggregator, AGGREGATOR_NAMES)
-    if per_label < 1 or steps < 1:
-        raise FedscoreError(f"per_label and steps must be positive, got {per_label}, {steps}")
+    check_sampling(aggregator, per_label, steps)
     dirs = [Path(d).resolve() for d in run_dirs]
     check_agents(dirs)
     simulation = deployment == "simulation"

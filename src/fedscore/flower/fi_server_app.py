@@ -4,11 +4,12 @@ computed on their silos (SPEC §3 on Flower's Message API).
 The server holds no weights and no data. It learns K agents from one `query.describe`
 message per SuperNode (`fi_client_app`: each agent's index, resolved config and class
 counts), then runs THE sampling code of `fedscore agents sample` in-process
-(`inference.sampling.agents_score_fn` + `draw`, the same aggregator objects and samplers),
-with one change: the agents are `RemoteAgents`, a callable (x, t[, y]) -> (K, B, ...) whose
-every evaluation is one round of `query.score` messages — x_t of all samples as one batch,
-t and the labels to every agent — and the K replies stacked in agent order. With the same
-seed the samples equal the in-process ones (tests/flower/test_fi_flower.py).
+(`experiments.agents.sample_with`: `agents_score_fn` + `draw`, the same labels, grid,
+aggregator objects and sampler), with one change: the agents are `RemoteAgents`, a
+callable (x, t[, y]) -> (K, B, ...) whose every evaluation is one round of `query.score`
+messages — x_t of all samples as one batch, t and the labels to every agent — and the K
+replies stacked in agent order. With the same seed the samples equal the in-process ones
+(tests/flower/test_fi_flower.py).
 
 Replies are input and are checked against what was sent (`check_score`): the reply's
 records and keys, its agent index and call number, a float32 array of exactly x's shape
@@ -19,11 +20,17 @@ the agent and why. No retry either: a step is idempotent, but an agent that errs
 `step_timeout` once (its ClientApp raised, its node died) would do it again; rerunning with
 the same seed reproduces the samples.
 
-`route` (each sample drawn by one agent alone) would need no per-step exchange: one message
-per silo carrying the seed, labels and the sample -> agent assignment; the silo runs the
-unchanged sampler on the full batch with a score function that evaluates its agent on its
-own rows only (zeros elsewhere) and returns its rows, which the server assembles. It plugs in
-at `sample_remote`, as a branch before the per-step loop (not written yet).
+`route` (each sample drawn by one agent alone) needs no per-step exchange, and has none: the
+server draws the sample -> agent assignment as the in-process route does
+(`inference.sampling.route_generator(seed)`, the same weights), then sends ONE query.route
+message per silo that has rows: the seed, the labels of the whole batch, the sampling grid,
+the sampler and that silo's row indices. The silo runs THE sampling code (`draw`, the
+unchanged sampler) on the full batch from the prior noise of that seed, with a score
+function that evaluates its agent on its rows only (zeros elsewhere), and returns its rows;
+every row's trajectory depends only on its own score and noise, so the rows equal the
+in-process route's (`RemoteAgents.sample_routed`). Its reply is checked as a score reply
+is, and must echo the rows it was sent (`check_samples`); the call's timeout is
+`step_timeout` per step.
 
 The result (samples.npz, samples.png, as `sample_agents` writes them) goes to the run
 config's `out`, with `flower-fi.json`: this launch's token, state finished/failed (and the
@@ -44,22 +51,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from fedscore import data as datasets
 from fedscore.config import RunConfig, config_from_text, dump_config
-from fedscore.errors import FedscoreError, unknown
-from fedscore.experiments.agents import AGGREGATOR_NAMES, SAMPLER
+from fedscore.errors import FedscoreError
+from fedscore.experiments.agents import check_sampling, sample_with
 from fedscore.flower.fi_run import STATUS
 from fedscore.flower.transport import exchange, wait_for_nodes
 from fedscore.inference.agents import label_weights
-from fedscore.inference.sampling import agents_score_fn, draw
 from fedscore.io import atomic_write_text
-from fedscore.runs.evaluate import FIGURE, SAMPLES, write_samples
-from fedscore.runs.plots import image_grid
-from fedscore.runs.sampling import sampling_grid
 
 app = ServerApp()
 DESCRIBE = f"{MessageType.QUERY}.describe"
 SCORE = f"{MessageType.QUERY}.score"
+ROUTE = f"{MessageType.QUERY}.route"
 NPY_HEADER = 4096  # bytes a .npy header may add to an array's data (numpy writes ~128)
 SAME = ("model", "data", "diffusion")  # what all agents must share (as load_agents checks)
 
@@ -100,12 +103,12 @@ def run_fi_server(grid: Grid, s: FISettings) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     calls = CallLog()
     try:
-        if s.aggregator not in AGGREGATOR_NAMES:
-            raise unknown("aggregator", s.aggregator, AGGREGATOR_NAMES)
+        check_sampling(s.aggregator, s.per_label, s.steps)
         agents = RemoteAgents.connect(grid, s.agents, start_wait=s.start_wait,
                                       timeout=s.step_timeout, poll=s.poll, log=calls)
-        paths = sample_remote(agents, out, aggregator=s.aggregator, per_label=s.per_label,
-                              steps=s.steps, seed=s.seed)
+        paths = sample_with(agents, out, aggregator=s.aggregator, per_label=s.per_label,
+                            steps=s.steps, seed=s.seed,
+                            where=f"{agents.n_agents} agents on Flower")
     except Exception as err:
         _status(out, s.token, "failed", calls, reason=str(err))
         print(f"[fedscore] failed: {err}", flush=True)
@@ -117,24 +120,6 @@ def run_fi_server(grid: Grid, s: FISettings) -> dict[str, Path]:
 def _status(out: Path, token: str, state: str, calls: CallLog, **extra) -> None:
     atomic_write_text(out / STATUS, json.dumps(
         {"token": token, "state": state, **extra, "calls": calls.records}, indent=1))
-
-
-def sample_remote(agents: RemoteAgents, out: Path, *, aggregator: str, per_label: int,
-                  steps: int, seed: int) -> dict[str, Path]:
-    """`experiments.agents.sample_agents` with remote agents: the same labels, grid,
-    aggregator, sampler and seed, hence the same samples."""
-    cfg = agents.config
-    info = datasets.info(cfg.data.name)
-    labels = torch.arange(info.classes).repeat_interleave(per_label)
-    times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
-        update={"steps": steps})}))
-    score_fn = agents_score_fn(agents, labels, aggregator)
-    x = draw(score_fn, len(labels), tuple(info.shape), times, SAMPLER, seed)
-    npz = write_samples(out / SAMPLES, x, labels, seed)
-    figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
-                        title=f"federated inference ({aggregator}, {agents.n_agents} agents "
-                              "on Flower): one row per label")
-    return {"samples": npz, "figure": Path(figure)}
 
 
 @dataclass
@@ -213,32 +198,73 @@ class RemoteAgents:
         y = self.labels if y is None else y
         call = len(self.log.records)
         inputs = {"x": x, "t": t} | ({"y": y.to(torch.int64)} if y is not None else {})
-        content = RecordDict({
-            "inputs": ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
-                                   for k, v in inputs.items()}),
-            "call": ConfigRecord({"call": call})})
-        messages = [Message(content, dst_node_id=a.node, message_type=SCORE,
-                            group_id=str(call)) for a in self.agents]
+        content = RecordDict({"inputs": _arrays(inputs),
+                              "call": ConfigRecord({"call": call})})
+        everyone = dict.fromkeys(range(self.n_agents), content)
+        replies, wall = self._round(SCORE, everyone, call, self.timeout)
+        checked = [self._checked(i, call, check_score, replies[i], tuple(x.shape))
+                   for i in range(self.n_agents)]
+        self._log("score", call, wall, list(everyone), [m for _, m in checked])
+        return torch.stack([s for s, _ in checked]).to(x.device)
+
+    def sample_routed(self, assignment: Tensor, labels: Tensor, shape: tuple[int, ...],
+                      times: Tensor, method: str, seed: int) -> Tensor:
+        """`route`'s samples (B, *shape), each row drawn on its agent's silo: one query.route
+        message per agent that has rows (seed, labels, grid, sampler, its rows), each reply
+        checked (check_samples) and put in its rows. The timeout is `timeout` per step: a
+        silo runs the whole reverse process in this one call."""
+        call = len(self.log.records)
+        rows = {i: torch.nonzero(assignment == i).flatten() for i in range(self.n_agents)}
+        rows = {i: r for i, r in rows.items() if len(r)}  # an agent with no rows is not asked
+        sent = {"y": labels.to(torch.int64), "times": times.to(torch.float64)}
+        meta = ConfigRecord({"call": call, "seed": int(seed), "method": method})
+        contents = {i: RecordDict({"inputs": _arrays(sent | {"rows": r}), "call": meta})
+                    for i, r in rows.items()}
+        replies, wall = self._round(ROUTE, contents, call, self.timeout * (len(times) - 1))
+        x = torch.empty((len(labels), *shape), dtype=torch.float32)
+        metrics = []
+        for i, r in rows.items():
+            x[r], m = self._checked(i, call, check_samples, replies[i], r, (len(r), *shape))
+            metrics.append(m)
+        self._log("route", call, wall, list(rows), metrics)
+        return x
+
+    def _round(self, kind: str, contents: dict[int, RecordDict], call: int, timeout: float
+               ) -> tuple[dict[int, Message], float]:
+        """Send contents[i] to agent i; (agent i's reply for every i, wall seconds from push
+        to the last reply), or one FedscoreError naming the first agent that failed."""
+        messages = [Message(c, dst_node_id=self.agents[i].node, message_type=kind,
+                            group_id=str(call)) for i, c in contents.items()]
         t0 = time.perf_counter()
-        replies, failures = exchange(self.grid, messages, self.timeout, self.poll)
+        replies, failures = exchange(self.grid, messages, timeout, self.poll)
         wall = time.perf_counter() - t0
-        scores, metrics = [], []
-        for a in self.agents:
+        for i in contents:
+            a = self.agents[i]
             if a.node in failures:
                 raise FedscoreError(f"agent {a.index} ({a.name}, node {a.node}) failed at "
                                     f"call {call}: {_failure(failures[a.node])}")
-            try:
-                s, m = check_score(replies[a.node], a.index, call, tuple(x.shape))
-            except Exception as err:  # hostile bytes may raise anything: this reply's fault
-                raise FedscoreError(f"agent {a.index} ({a.name}, node {a.node}) sent a bad "
-                                    f"reply at call {call}: {_reason(err)}") from None
-            scores.append(s)
-            metrics.append(m)
+        return {i: replies[self.agents[i].node] for i in contents}, wall
+
+    def _checked(self, i: int, call: int, check, reply: Message, *args):
+        """check(reply, i, call, *args), its failure one FedscoreError naming agent i."""
+        a = self.agents[i]
+        try:
+            return check(reply, i, call, *args)
+        except Exception as err:  # hostile bytes may raise anything: this reply's fault
+            raise FedscoreError(f"agent {a.index} ({a.name}, node {a.node}) sent a bad "
+                                f"reply at call {call}: {_reason(err)}") from None
+
+    def _log(self, kind: str, call: int, wall: float, asked: list[int], metrics: list[dict]
+             ) -> None:
         self.log.records.append({
-            "call": call, "seconds": wall,
+            "call": call, "kind": kind, "seconds": wall, "agents": asked,
             "score_seconds": [m.get("score-seconds") for m in metrics],
             "process_age_seconds": [m.get("process-age-seconds") for m in metrics]})
-        return torch.stack(scores).to(x.device)
+
+
+def _arrays(tensors: dict[str, Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
+                        for k, v in tensors.items()})
 
 
 def describe_reply(reply: Message, node: int, k: int) -> Agent:
@@ -281,28 +307,58 @@ def check_score(reply: Message, index: int, call: int, shape: tuple[int, ...]
     """Agent `index`'s scores of call `call` for x of `shape`: exactly the records
     {scores, call, metrics}, the reply's agent and call numbers, one float32 array "score"
     of x's shape (its byte size checked before numpy decodes it), finite values."""
+    arrays, metrics = _reply_records(reply, "scores", index, call, ["score"])
+    return torch.from_numpy(_checked_array(arrays, "score", "float32", shape)), metrics
+
+
+def check_samples(reply: Message, index: int, call: int, rows: Tensor,
+                  shape: tuple[int, ...]) -> tuple[Tensor, dict]:
+    """Agent `index`'s route samples of call `call`: exactly the records {samples, call,
+    metrics}, the reply's agent and call numbers, the arrays "x" (float32 of `shape`, finite:
+    the rows' samples) and "rows" (int64, exactly the `rows` it was sent, in order)."""
+    arrays, metrics = _reply_records(reply, "samples", index, call, ["rows", "x"])
+    echoed = _checked_array(arrays, "rows", "int64", (len(rows),))
+    if not np.array_equal(echoed, rows.numpy()):
+        raise FedscoreError("its samples are of other rows than it was sent")
+    return torch.from_numpy(_checked_array(arrays, "x", "float32", shape)), metrics
+
+
+def _reply_records(reply: Message, record: str, index: int, call: int, keys: list[str]
+                   ) -> tuple[ArrayRecord, dict]:
+    """The reply's array record `record` (exactly `keys`) and its metrics, after checking
+    that it holds exactly {record, call, metrics} and is marked agent `index`, call `call`."""
     content = reply.content
-    if set(content.keys()) != {"scores", "call", "metrics"}:
-        raise FedscoreError(f"records {sorted(content.keys())}, expected call, metrics, scores")
+    if set(content.keys()) != {record, "call", "metrics"}:
+        raise FedscoreError(f"records {sorted(content.keys())}, expected call, metrics, "
+                            f"{record}")
     meta = content["call"]
     if int(meta["agent"]) != index or int(meta["call"]) != call:
         raise FedscoreError(f"it is marked agent {meta['agent']}, call {meta['call']}")
-    arrays = content["scores"]
-    if list(arrays.keys()) != ["score"]:
-        raise FedscoreError(f"arrays {list(arrays.keys())}, expected one 'score'")
-    arr = arrays["score"]
-    want = int(np.prod(shape)) * 4
-    if tuple(arr.shape) != shape or arr.dtype != "float32" or len(arr.data) > want + NPY_HEADER:
-        raise FedscoreError(f"scores {arr.dtype} {tuple(arr.shape)} ({len(arr.data)} bytes), "
-                            f"expected float32 {shape}")
-    values = arr.numpy()
-    if values.dtype != np.dtype("<f4") or values.shape != shape:
-        raise FedscoreError(f"the scores' bytes hold {values.dtype} {values.shape}, "
-                            f"expected float32 {shape}")
-    if not np.isfinite(values).all():
-        raise FedscoreError("the scores are not all finite")
+    arrays = content[record]
+    if sorted(arrays.keys()) != keys:
+        raise FedscoreError(f"arrays {list(arrays.keys())}, expected "
+                            + (f"one {keys[0]!r}" if len(keys) == 1 else ", ".join(keys)))
     metrics = {k: float(v) for k, v in content["metrics"].items()}
-    return torch.from_numpy(np.array(values)), metrics
+    return arrays, metrics
+
+
+def _checked_array(arrays: ArrayRecord, key: str, dtype: str, shape: tuple[int, ...]
+                   ) -> np.ndarray:
+    """arrays[key] as a writable little-endian numpy array of `dtype` and `shape` with finite
+    values; its declared size, and its byte length, checked before numpy decodes it."""
+    arr = arrays[key]
+    want = np.dtype(dtype).newbyteorder("<")
+    size = int(np.prod(shape)) * want.itemsize
+    if tuple(arr.shape) != shape or arr.dtype != dtype or len(arr.data) > size + NPY_HEADER:
+        raise FedscoreError(f"{key} {arr.dtype} {tuple(arr.shape)} ({len(arr.data)} bytes), "
+                            f"expected {dtype} {shape}")
+    values = arr.numpy()
+    if values.dtype != want or values.shape != shape:
+        raise FedscoreError(f"the {key}'s bytes hold {values.dtype} {values.shape}, "
+                            f"expected {dtype} {shape}")
+    if not np.isfinite(values).all():
+        raise FedscoreError(f"the {key} values are not all finite")
+    return np.array(values)
 
 
 def _failure(why: str) -> str:

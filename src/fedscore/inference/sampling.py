@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,6 +74,21 @@ class _OneAgent:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         return self.agent.with_labels(self.labels)(x, t)[0]
+
+
+ROUTE_STREAM = 0x726F757465  # b"route": names the assignment's stream in route_generator
+
+
+def route_generator(seed: int) -> torch.Generator:
+    """The generator of `route`'s sample -> agent assignment for the sampling seed `seed`
+    (`fedscore agents sample` and its Flower server draw it so, hence the same assignment).
+    It is a stream of its own, not `draw`'s generator: the prior noise and every step's
+    noise stay those of the other aggregators with the same seed (paired samples, see the
+    module docstring), and the assignment is not computed from the very random numbers that
+    made x_T (a generator seeded `seed` again would be). Its seed is numpy's SeedSequence of
+    (seed, ROUTE_STREAM): the same integer on every machine."""
+    mixed = np.random.SeedSequence([int(seed), ROUTE_STREAM]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) >> 1)  # 63 bits: manual_seed's range
 
 
 def draw(score_fn: Callable, n: int, shape: tuple[int, ...], times: Tensor, method: str,
