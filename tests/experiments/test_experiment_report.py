@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from fedscore.experiments.prose import demo_verdict, fi_verdict, pruning_verdict
+from fedscore.experiments.prose import (
+    baselines_sentence,
+    demo_verdict,
+    fi_verdict,
+    pruning_verdict,
+    route_sentence,
+)
 from fedscore.experiments.report import fmt, metric_table, to_html, to_markdown
 from fedscore.experiments.sections import pruning_summary
 
@@ -92,14 +98,15 @@ def test_verdicts_say_what_the_numbers_say():
 
 
 def _fi(regime, aggregator, fid, unrecognisable, acc=0.8):
-    return {"regime": regime, "aggregator": aggregator, "fid": fid,
-            "unrecognisable": unrecognisable, "class_accuracy": acc}
+    return {"samples": f"{regime}, {aggregator}", "regime": regime, "aggregator": aggregator,
+            "fid": fid, "unrecognisable": unrecognisable, "class_accuracy": acc}
 
 
 def test_fi_verdict_says_beats_only_when_mixture_is_lower():
     rows = [_fi("control", "single agent", 1.0, 0.0, acc=0.3),
             _fi("heterogeneous", "mean", 50.0, 0.6), _fi("heterogeneous", "mixture", 40.0, 0.7)]
-    fid, unr, caution = fi_verdict(rows)
+    fid, unr, baselines, caution = fi_verdict(rows)
+    assert baselines.startswith("Against the centralised model on the pooled data")
     assert "`mixture` **beats** `mean` (40.00 vs 50.00)" in fid
     assert "**does not beat**" in unr and "0.700 vs 0.600" in unr
     assert "Caution" in caution and "30%" in caution  # the control agent draws no digits
@@ -126,3 +133,44 @@ def test_every_results_table_names_its_reference_split_and_is_splits():
     one = [dict(rows[0], is_splits=1, reference="train")]
     header = metric_table(one, ["fid", "is"])[1]
     assert header[1:] == ["FID vs train split ↓", "IS ± std (1 split) ↑"]
+
+
+def _row(samples, acc, fid, **tags):
+    return {"samples": samples, "class_accuracy": acc, "fid": fid, **tags}
+
+
+def test_the_baselines_sentence_names_every_row_against_the_centralised_model():
+    central = _row("central", 0.9, 20.0)
+    fed = _row("federated model", 0.7, 30.0)
+    fi = [_row("FI, mean", 0.2, 80.0, aggregator="mean", evals_per_step=10.0),
+          _row("FI, route", 0.5, 40.0, aggregator="route", evals_per_step=1.0),
+          _row("FI, mixture", 0.4, 45.0, aggregator="mixture", evals_per_step=10.0)]
+    assert baselines_sentence(central, fed, fi) == (
+        "Against the centralised model on the pooled data (class accuracy 0.90, FID 20.0): "
+        "the federated model class accuracy 0.70, FID 30.0; the best federated-inference "
+        "row, FI, route, class accuracy 0.50, FID 40.0. Closest by class accuracy: "
+        "federated model (0.20 below it).")
+    above = baselines_sentence(_row("central", 0.1, 90.0), None, fi)
+    assert above.endswith("Closest by class accuracy: FI, route (0.40 above it).")
+    level = baselines_sentence(_row("central", 0.5, 90.0), None, fi)
+    assert level.endswith("(level with it).")
+    assert baselines_sentence(central, None, []).endswith("no other row to compare.")
+    assert route_sentence(fi) == (
+        "`route` samples the agents' mixture at 1 network evaluation(s) per sample per step "
+        "against `mixture`'s 10: class accuracy 0.50, FID 40.0 vs class accuracy 0.40, FID "
+        "45.0.")
+    assert route_sentence(fi[:1]) is None  # no route row, no sentence
+
+
+def test_the_fi_verdict_compares_the_heterogeneous_rows_with_the_control_agent():
+    rows = [_fi("control", "single agent", 10.0, 0.1, acc=0.9),
+            _fi("heterogeneous", "mean", 50.0, 0.6, acc=0.3),
+            _fi("heterogeneous", "mixture", 40.0, 0.7, acc=0.4),
+            dict(_fi("heterogeneous", None, 30.0, 0.2, acc=0.6), training="federated")]
+    rows[-1]["samples"] = "heterogeneous, federated"
+    del rows[-1]["aggregator"]
+    lines = fi_verdict(rows)
+    baselines = next(line for line in lines if line.startswith("Against the centralised"))
+    assert "(class accuracy 0.90, FID 10.0)" in baselines
+    assert "Closest by class accuracy: heterogeneous, federated (0.30 below it)." in baselines
+    assert not any("Caution" in line for line in lines)  # the control agent draws digits

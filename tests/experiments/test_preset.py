@@ -14,7 +14,7 @@ from fedscore.experiments import load_preset, preset_names
 from fedscore.experiments.preset import PRESETS
 
 BUDGETS = {"pruning": ("cpu", "quick"), "federated-inference": ("cpu", "quick"),
-           "demo": ("full", "quick")}
+           "demo": ("full", "gpu", "quick")}
 
 
 def test_the_three_experiments_are_presets_shipped_inside_the_package():
@@ -119,3 +119,40 @@ def test_downsample_reads_the_dataset_at_a_fraction_of_its_resolution():
                        budget="quick").dataset == "digits"
     with pytest.raises(FedscoreError, match="downsample: 2 is for image datasets"):
         load_preset("pruning", dataset="gmm:ring8", overrides={"downsample": 2})
+
+
+def test_the_baselines_get_budgets_comparable_to_what_they_are_compared_with():
+    """The demo's centralised model is kept small: no more optimiser steps x batch than the
+    federation's workers took together (BENCHMARKS: its cost); the FI preset's federated
+    model trains on the heterogeneous agents' silos with their total steps x batch."""
+    for budget in ("full", "gpu", "quick"):
+        demo = load_preset("demo", budget=budget)
+        central = demo.cell_config("central", "runs")
+        fed = demo.cell_config("federated", "runs").federation
+        assert central.federation == "none"
+        assert (central.train.steps * central.train.batch_size
+                <= fed.workers * fed.rounds * fed.local_steps * fed.batch_size)
+        # sampled as every other row: the preset's one sampling
+        assert (central.sample.method, central.sample.steps, central.sample.clip_denoised) == (
+            demo.sampling.method, demo.sampling.steps, demo.sampling.clip)
+    fi = load_preset("federated-inference", budget="cpu")
+    assert fi.same_silos == ("federated", "heterogeneous")
+    fed = fi.cell_config("federated", "runs").federation
+    het = fi.cells["heterogeneous"]
+    agents = fi.cell_config("heterogeneous", "runs").train
+    assert fed.partition.scheme == "dominant" and fed.workers == het.n_agents
+    assert (fed.workers * fed.rounds * fed.local_steps * fed.batch_size
+            == het.n_agents * agents.steps * agents.batch_size)
+    # the control agent is the centralised baseline: one agent on all the data
+    assert fi.cells["control"].regime == "control" and "pooled" in fi.cells["control"].label
+    for preset in (load_preset("demo"), fi):
+        assert "route" in next(c for c in preset.cells.values()
+                               if c.kind == "agents" and c.regime == "heterogeneous").aggregators
+
+
+def test_a_central_cell_with_federation_settings_is_one_clear_error(tmp_path):
+    raw = yaml.safe_load(GOOD)
+    raw["cells"]["central"]["config"]["federation"] = {"workers": 2}
+    with pytest.raises(FedscoreError, match="cell 'central' of experiment preset 'demo' is "
+                                            "central .*remove its federation settings"):
+        load_preset(_write(tmp_path, yaml.safe_dump(raw)), budget="quick")

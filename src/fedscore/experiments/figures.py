@@ -14,7 +14,8 @@ def loss_figure(federated: dict[str, dict[str, list[dict]]],
                 agents: dict[str, dict[str, list[dict]]], path: Path) -> Path:
     """One panel per group of federated runs (panel title -> {run label: round records}),
     the training loss per round (the pruning paper's Figures 1-2: one line per level), then
-    one panel per agents cell (title -> {agent: step records}), each agent's loss alone.
+    one panel per step-logged cell (title -> {run: step records}): a central model on the
+    pooled data, or an agents cell with each agent's loss alone.
     A panel of one federated run also shows the min..max worker band and held-out eq. 9."""
     import matplotlib.pyplot as plt
 

@@ -5,9 +5,11 @@ them) holds:
 
 - `config`: the RunConfig fields every cell shares (fedscore.config);
 - `cells`: name -> one cell, trained, sampled and evaluated by the one runner:
-  `federated` (a federated run, eqs. 7-8), `agents` (FI agents of one regime, each sample set
-  one aggregator) or `real` (real images of a split: the floor the metrics reach at the
-  samples' size); a cell's own `config` is merged over the shared one;
+  `federated` (a federated run, eqs. 7-8), `central` (one model trained on the pooled
+  training split: the baseline federation and federated inference are measured against),
+  `agents` (FI agents of one regime, each sample set one aggregator) or `real` (real images
+  of a split: the floor the metrics reach at the samples' size); a cell's own `config` is
+  merged over the shared one;
 - `sampling`: how every sample set is drawn (sampler, grid, steps, samples per label, the
   seed offset of the shared initial noise, whether the denoised estimate is clipped);
 - `reference`: the split FID is measured against ("train" or "test"), named in every table;
@@ -54,7 +56,7 @@ class Sampling(Strict):
 
 
 class Cell(Strict):
-    kind: Literal["federated", "agents", "real"]
+    kind: Literal["federated", "central", "agents", "real"]
     label: str
     """The row's name in tables; `{aggregator}` is replaced for agents cells."""
     config: dict[str, Any] = Field(default_factory=dict)
@@ -62,7 +64,7 @@ class Cell(Strict):
     tags: dict[str, str] = Field(default_factory=dict)
     """Copied into every row of the cell (e.g. policy and level, or the FI regime)."""
     panel: str | None = None
-    """Training-loss panel of a federated cell (cells sharing a panel share an axis)."""
+    """Training-loss panel of a federated or central cell (cells sharing a panel share an axis)."""
     regime: str | None = None
     """agents: the FI paper's regime (control, homogeneous, heterogeneous)."""
     n_agents: int = Field(10, ge=1)
@@ -101,7 +103,8 @@ class Preset(Strict):
         default_factory=list)
     """Optional report sections (fedscore.experiments.sections), in report order."""
     columns: list[Literal["final_loss", "eq9", "fid", "is", "class_accuracy", "unrecognisable",
-                          "recognisable", "gamma_star", "bytes_sent"]] = Field(
+                          "recognisable", "gamma_star", "bytes_sent",
+                          "evals_per_step"]] = Field(
         default_factory=lambda: ["fid", "is", "class_accuracy", "unrecognisable"])
     """The results table's columns (fedscore.experiments.report.COLUMNS)."""
     diagnostic_inputs: int = Field(10, ge=1)
@@ -130,24 +133,29 @@ class Preset(Strict):
         return self
 
     def cell_config(self, name: str, out: str | Path) -> RunConfig:
-        """The RunConfig of a federated or agents cell: shared config, then the cell's,
-        with the preset's dataset and seed; out_dir `out`, name the cell's. A federated
-        cell samples with the preset's `sampling` (so `fedscore sample` on its folder draws
-        as the experiment did)."""
+        """The RunConfig of a federated, central or agents cell: shared config, then the
+        cell's, with the preset's dataset and seed; out_dir `out`, name the cell's. A
+        federated or central cell samples with the preset's `sampling` (so `fedscore sample`
+        on its folder draws as the experiment did)."""
         cell = self.cells[name]
         fields = merge(self.config, cell.config)
         fields = merge(fields, {"data": {"name": self.dataset}})
-        if cell.kind == "federated":
+        if cell.kind in ("federated", "central"):
             s = self.sampling
             fields = merge(fields, {"sample": {
                 "method": s.method, "grid": s.grid, "steps": s.steps,
                 "n": 10 * s.per_label, "clip_denoised": s.clip}})
         fields = merge(fields, {"name": name, "out_dir": str(out), "seed": self.seed})
         try:
-            return RunConfig.model_validate(fields)
+            cfg = RunConfig.model_validate(fields)
         except ValidationError as err:
             raise FedscoreError(describe(
                 err, f"cell {name!r} of experiment preset {self.name!r}")) from None
+        if cell.kind == "central" and cfg.federation != "none":
+            raise FedscoreError(
+                f"cell {name!r} of experiment preset {self.name!r} is central (one model on "
+                "the pooled training data): remove its federation settings")
+        return cfg
 
 
 def preset_names() -> list[str]:

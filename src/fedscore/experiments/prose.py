@@ -16,11 +16,50 @@ says whether the run met it."""
 
 
 AGGREGATOR_GLOSS = {"mean": " (the FI paper)", "weighted": " (by each agent's count of the label)",
-                    "mixture": " (the agents' true mixture)"}
+                    "mixture": " (the agents' true mixture)",
+                    "route": " (the same mixture, each sample drawn by one agent)"}
 
 
 def _find(rows: list[dict], **tags) -> dict:
     return next(r for r in rows if all(r.get(k) == v for k, v in tags.items()))
+
+
+def _maybe(rows: list[dict], **tags) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in tags.items())), None)
+
+
+def _scores(r: dict) -> str:
+    return f"class accuracy {r['class_accuracy']:.2f}, FID {fmt(r['fid'], '.1f')}"
+
+
+def baselines_sentence(central: dict, federated: dict | None, fi: list[dict]) -> str:
+    """The reviewer's comparison in one sentence: the centralised model on the pooled data
+    beside the federated model and the best federated-inference row of the same silos (by
+    class accuracy; same sampler, noise and evaluation, every row in the table), and which
+    of them comes closest to the centralised model."""
+    parts = [f"the federated model {_scores(federated)}"] if federated else []
+    if fi:
+        best = max(fi, key=lambda r: r["class_accuracy"])
+        parts.append(f"the best federated-inference row, {best['samples']}, {_scores(best)}")
+    text = f"Against the centralised model on the pooled data ({_scores(central)})"
+    if not parts:
+        return text + ": no other row to compare."
+    closest = max(([federated] if federated else []) + fi, key=lambda r: r["class_accuracy"])
+    gap = round(central["class_accuracy"] - closest["class_accuracy"], 2)
+    where = (f"{gap:.2f} below it" if gap > 0 else f"{-gap:.2f} above it" if gap < 0
+             else "level with it")
+    return f"{text}: {'; '.join(parts)}. Closest by class accuracy: {closest['samples']} ({where})."
+
+
+def route_sentence(rows: list[dict]) -> str | None:
+    """route against mixture: the same target distribution, one network evaluation per
+    sample per step instead of K."""
+    route, mix = _maybe(rows, aggregator="route"), _maybe(rows, aggregator="mixture")
+    if route is None or mix is None:
+        return None
+    return (f"`route` samples the agents' mixture at {fmt(route.get('evals_per_step'), 'g')} "
+            f"network evaluation(s) per sample per step against `mixture`'s "
+            f"{fmt(mix.get('evals_per_step'), 'g')}: {_scores(route)} vs {_scores(mix)}.")
 
 
 # ---------------------------------------------------------------- pruning paper
@@ -65,12 +104,35 @@ def fi_intro(ctx) -> list[Block]:
         f"Adam lr {t.lr:g}), tiny class-conditional U-Net {cfg.model.options or ''}, "
         f"{n_agents} agents per federated regime; the paper trained to convergence on a "
         "GPU, so absolute numbers here are those of briefly trained agents.",
+        *_fi_baselines(ctx),
         f"Wall time: {ctx.total:.0f} s with {torch.get_num_threads()} torch thread(s).",
     ])]
 
 
+def _fi_baselines(ctx) -> list[str]:
+    """What the baseline rows are: the control agent doubles as the centralised model, and
+    a federated cell (eqs. 7-8) trains on the silos of the agents it is paired with."""
+    lines = [f"The `{n}` row is the centralised baseline: one model trained alone on the "
+             "pooled training split (the FI paper's control)."
+             for n, c in ctx.preset.cells.items() if c.kind == "agents" and c.regime == "control"]
+    for name, cell in ctx.preset.cells.items():
+        if cell.kind != "federated":
+            continue
+        f = ctx.trained[name].cfg.federation
+        silos = (f"the silos of `{ctx.preset.same_silos[1]}`"
+                 if ctx.preset.same_silos and ctx.preset.same_silos[0] == name
+                 else f"a {f.partition.scheme} partition")
+        lines.append(
+            f"The `{name}` row is one model trained by federated learning with pruning "
+            f"(eqs. 7-8, {f.policy} masks at level {f.level}) on {silos}: {f.workers} workers "
+            f"x {f.rounds} rounds x {f.local_steps} local steps of batch {f.batch_size}.")
+    return lines
+
+
 def fi_verdict(rows: list[dict]) -> list[str]:
-    """Plain sentences: does `mixture` beat `mean` in the heterogeneous regime?"""
+    """Plain sentences: does `mixture` beat `mean` in the heterogeneous regime? How do the
+    heterogeneous rows and the federated model compare with the centralised (control)
+    agent, and `route` with `mixture`?"""
     mean = _find(rows, regime="heterogeneous", aggregator="mean")
     mix = _find(rows, regime="heterogeneous", aggregator="mixture")
     fid = mix["fid"] < mean["fid"]
@@ -82,6 +144,13 @@ def fi_verdict(rows: list[dict]) -> list[str]:
         f"**{'beats' if unr else 'does not beat'}** `mean` "
         f"({mix['unrecognisable']:.3f} vs {mean['unrecognisable']:.3f}).",
     ]
+    het = [r for r in rows if r.get("regime") == "heterogeneous" and r.get("aggregator")]
+    lines.append(baselines_sentence(_find(rows, regime="control"),
+                                    _maybe(rows, regime="heterogeneous", training="federated"),
+                                    het))
+    route = route_sentence(het)
+    if route:
+        lines.append(route)
     control = _find(rows, regime="control")["class_accuracy"]
     if control < 0.5:
         lines.append(
@@ -111,13 +180,29 @@ def demo_intro(ctx) -> list[Block]:
         "combined at every reverse step by "
         + ", ".join(f"`{a}`" + AGGREGATOR_GLOSS.get(a, "")
                     for a in ctx.preset.cells["agents"].aggregators)
+        + "; beside them " + _central_text(ctx)
         + f". Total wall time **{seconds_text(ctx.total)}** "
         f"({torch.get_num_threads()} torch thread(s), budget `{ctx.preset.budget}`)."))]
 
 
+def _central_text(ctx) -> str:
+    """The demo's centralised baseline and its budget beside the federation's (optimiser
+    steps x batch), so a reader sees what each was given."""
+    central = [n for n, c in ctx.preset.cells.items() if c.kind == "central"]
+    if not central:
+        return "no centralised baseline (the preset has no central cell)"
+    t = ctx.trained[central[0]].cfg.train
+    f = ctx.trained["federated"].cfg.federation
+    return (f"a **centralised model on the pooled data**, the baseline no silo could train "
+            f"without sharing its digits ({t.steps:,} steps of batch {t.batch_size}; the "
+            f"federation's workers took {f.workers * f.rounds * f.local_steps:,} of batch "
+            f"{f.batch_size})")
+
+
 def demo_verdict(rows: list[dict], floor: float = RECOGNISABLE_FLOOR) -> list[str]:
     """Plain sentences: recognisable digits from the federated model? Which aggregator draws
-    them best, beside the FI paper's `mean`? mixture vs mean?"""
+    them best, beside the FI paper's `mean`? mixture vs mean? Every row against the
+    centralised model (when the preset has a central cell); route vs mixture."""
     fed = _find(rows, samples="federated model")
     mean = _find(rows, cell="agents", aggregator="mean")
     mix = _find(rows, cell="agents", aggregator="mixture")
@@ -134,6 +219,13 @@ def demo_verdict(rows: list[dict], floor: float = RECOGNISABLE_FLOOR) -> list[st
         f"{'beats' if mix['fid'] < mean['fid'] else 'does not beat'} `mean` on FID "
         f"({fmt(mix['fid'], '.1f')} vs {fmt(mean['fid'], '.1f')}).",
     ]
+    central = _maybe(rows, cell="central")
+    if central is not None:
+        lines.append(baselines_sentence(central, fed, [r for r in rows
+                                                       if r.get("cell") == "agents"]))
+    route = route_sentence(rows)
+    if route:
+        lines.append(route)
     if best["class_accuracy"] < floor:
         lines.append(
             "No aggregator's samples reach the floor: each agent trained alone on its "

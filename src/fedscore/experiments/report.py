@@ -125,6 +125,10 @@ COLUMNS = {
     "gamma_star": (lambda rows: "Γ*", lambda r: str(r.get("gamma_star", "–"))),
     "bytes_sent": (lambda rows: "bytes sent / round",
                    lambda r: f"{r['bytes_sent']:,}" if "bytes_sent" in r else "–"),
+    # a sample set's sampling cost: 1 for one model and for route, K for mean, weighted,
+    # hybrid and mixture (runner.sample_sets)
+    "evals_per_step": (lambda rows: "network evaluations / sample / step",
+                       lambda r: fmt(r.get("evals_per_step"), "g")),
 }
 
 

@@ -3,11 +3,13 @@
 Every experiment (the pruning paper's table, the FI paper's table, the demo) is a preset
 (fedscore.experiments.preset) run by `run_experiment`:
 
-1. train each cell: a federated run (eqs. 7-8; a finished run of the same config is loaded,
-   an interrupted one resumed), or FI agents of one regime (finished agents are kept);
-2. sample: every sample set (one per federated cell, one per agents cell and aggregator,
-   real images for a `real` cell) from the SAME initial noise and generator seed, so the
-   sets are paired (`fedscore.inference.draw`);
+1. train each cell: a federated run (eqs. 7-8), a central model on the pooled training split
+   (a finished run of the same config is loaded, an interrupted one resumed), or FI agents
+   of one regime (finished agents are kept);
+2. sample: every sample set (one per federated or central cell, one per agents cell and
+   aggregator, real images for a `real` cell) from the SAME initial noise and generator
+   seed, so the sets are paired (`fedscore.inference.draw`); `route` draws its assignment
+   from a generator of that seed too;
 3. evaluate every set with `fedscore.runs.evaluate.evaluate_samples` against the preset's
    reference split (one IS split rule, the reference named in every table);
 4. report: report.md and a self-contained report.html through one renderer, results.json
@@ -39,7 +41,7 @@ from fedscore.runs.federated import train_federated
 from fedscore.runs.folder import RunFolder
 from fedscore.runs.plots import image_grid
 from fedscore.runs.sampling import model_score_fn, on_device
-from fedscore.runs.train import load_model
+from fedscore.runs.train import load_model, train_central
 from fedscore.runtime import CPU_FP32, Runtime, from_config
 
 
@@ -104,17 +106,33 @@ def train_federation(cfg, *, progress: bool = True, runtime: Runtime = CPU_FP32)
     """A federated cell's global model (eqs. 7-8). A finished run of the same config is
     loaded, an interrupted one resumed; a folder of another config is refused."""
 
+    return _train_model(cfg, "a federated run", lambda resume: train_federated(
+        cfg, resume=resume, progress=progress, runtime=runtime).model, runtime)
+
+
+def train_central_cell(cfg, *, progress: bool = True, runtime: Runtime = CPU_FP32) -> Trained:
+    """A central cell: one model trained on the whole training split (train_central), the
+    baseline of pooled data that no silo may share. Reused and resumed as a federated
+    cell."""
+
+    return _train_model(cfg, "a central run", lambda resume: train_central(
+        cfg, resume=resume, progress=progress, runtime=runtime).model, runtime)
+
+
+def _train_model(cfg, what: str, train: Callable, runtime: Runtime) -> Trained:
+    """One model's run folder: loaded when finished with the same config, resumed from its
+    checkpoint when interrupted, trained by `train(resume)` otherwise; a folder of another
+    config is refused rather than mixed in."""
+
     path = cfg.run_dir()
     if (path / "config.yaml").is_file() and not same_run_config(path, cfg):
         raise FedscoreError(
-            f"{str(path)!r} holds a federated run of another budget; choose another --out "
+            f"{str(path)!r} holds {what} of another budget; choose another --out "
             "folder or remove it")
     if (path / "model.safetensors").is_file():
-        return Trained(cfg, path, load_model(path)[0].to(runtime.device), reused=True)
+        return Trained(cfg, path, load_model(path)[0].to(runtime.device).eval(), reused=True)
     resume = (path / "checkpoint.safetensors").is_file()
-    model = train_federated(cfg, resume=resume, progress=progress,
-                            runtime=runtime).model.eval()
-    return Trained(cfg, path, model)
+    return Trained(cfg, path, train(resume).eval())
 
 
 def train_agents_cell(cfg, regime: str, path: Path, n_agents: int, *,
@@ -153,9 +171,12 @@ def real_reference(dataset: str, split: str, per_label: int, seed: int, classes:
 def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool = True,
                 runtime: Runtime = CPU_FP32) -> list[dict]:
     """Every sample set of the experiment, in cell order: {cell, label, aggregator,
-    images, labels, mixture} (mixture: the mixture aggregator, read for its final weights).
-    The networks run on `runtime` (where the trained models lie); the samplers' state and
-    noise stay on the CPU in fp32, so every device draws the same noise."""
+    images, labels, mixture, evals_per_step} (mixture: the mixture aggregator, read for its
+    final weights; evals_per_step: network evaluations per sample per sampler step, one for
+    a single model and `route`, K for the other aggregators). The networks run on `runtime`
+    (where the trained models lie); the samplers' state and noise stay on the CPU in fp32,
+    so every device draws the same noise, and `route` draws its agents from a generator
+    seeded as the noise is (every set the same settings and seed)."""
 
     info = datasets.info(preset.dataset)
     shape, s = tuple(info.shape), preset.sampling
@@ -172,19 +193,23 @@ def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool =
             continue
         times = diffusion.time_grid(s.grid, s.steps, T=t.cfg.diffusion.T,
                                     delta=t.cfg.diffusion.delta)
-        if cell.kind == "federated":
+        if cell.kind in ("federated", "central"):
             score_fn = on_device(model_score_fn(t.model, t.cfg, labels), runtime)
             x = draw(score_fn, len(labels), shape, times, s.method, seed, clip=s.clip,
                      progress=progress)
             sets.append({"cell": name, "label": cell.label, "aggregator": None,
-                         "images": x, "labels": labels})
+                         "images": x, "labels": labels, "evals_per_step": 1.0})
             continue
         for agg in cell.aggregators:
-            score_fn = agents_score_fn(on_device(t.agents, runtime), labels, agg, clip=s.clip)
+            score_fn = agents_score_fn(on_device(t.agents, runtime), labels, agg, clip=s.clip,
+                                       generator=torch.Generator().manual_seed(seed))
             x = draw(score_fn, len(labels), shape, times, s.method, seed, progress=progress)
+            evals = (score_fn.evaluations / (len(labels) * s.steps) if agg == "route"
+                     else float(t.agents.n_agents))
             sets.append({"cell": name, "label": cell.label.format(aggregator=agg),
                          "aggregator": agg, "images": x, "labels": labels,
-                         "mixture": score_fn if agg == "mixture" else None})
+                         "mixture": score_fn if agg == "mixture" else None,
+                         "evals_per_step": evals})
     return sets
 
 
@@ -224,6 +249,8 @@ def evaluate_sets(ctx: Context, sets: list[dict], *, progress: bool = True,
         row |= evaluate_samples(s["images"], s["labels"], extractor=extractor,
                                 reference_stats=reference_stats,
                                 reference_name=preset.reference)
+        if "evals_per_step" in s:
+            row["evals_per_step"] = s["evals_per_step"]
         if cell.kind == "federated":
             row |= federated_facts(ctx.trained[s["cell"]].path)
         if s.get("mixture") is not None:  # how decisively each trajectory settled on agents
@@ -279,6 +306,9 @@ def run_experiment(preset: str | Path | Preset, out: str | Path, *, budget: str 
         if cell.kind == "federated":
             trained[name] = train_federation(preset.cell_config(name, out), progress=progress,
                                              runtime=runtime)
+        elif cell.kind == "central":
+            trained[name] = train_central_cell(preset.cell_config(name, out),
+                                               progress=progress, runtime=runtime)
         elif cell.kind == "agents":
             cfg = preset.cell_config(name, out)
             trained[name] = train_agents_cell(cfg, cell.regime, out / name, cell.n_agents,
@@ -318,6 +348,10 @@ def _describe(name: str, cell, preset: Preset) -> str:
         fed = preset.cell_config(name, "runs").federation
         return (f"train {name}: {fed.workers} workers, {fed.policy} masks at level "
                 f"{fed.level}, {fed.rounds} rounds x {fed.local_steps} local steps")
+    if cell.kind == "central":
+        t = preset.cell_config(name, "runs").train
+        return (f"train {name}: one model on the pooled training split, {t.steps} steps of "
+                f"batch {t.batch_size}")
     if cell.kind == "agents":
         steps = preset.cell_config(name, "runs").train.steps
         return (f"train {name}: FI agents ({cell.regime}), each alone on its partition, "

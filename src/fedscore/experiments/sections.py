@@ -85,6 +85,8 @@ def timings(ctx) -> list[Block]:
 def files(ctx) -> list[Block]:
     what = {"federated": "a federated run folder (config.yaml, metrics.jsonl with one record "
                          "per round, model.safetensors, partition.png)",
+            "central": "a run folder (config.yaml, metrics.jsonl with one record per "
+                       "logged step, model.safetensors, samples.png)",
             "agents": "one run folder per FI agent in `agent-*` (class_counts.json, "
                       "metrics.jsonl, model.safetensors, samples.png)"}
     items = _grouped({f"{n}/": what[c.kind] for n, c in ctx.preset.cells.items()
@@ -106,15 +108,18 @@ def _grouped(texts: dict[str, str]) -> list[str]:
 
 
 def loss(ctx) -> list[Block]:
-    """The training loss: federated cells grouped by their panel, then each agents cell."""
+    """The training loss: federated cells grouped by their panel, then each central cell
+    and each agents cell (per optimiser step)."""
 
     fed: dict[str, dict[str, list[dict]]] = {}
     for name, cell in _cells(ctx, "federated").items():
         fed.setdefault(cell.panel or name, {})[cell.label] = _records(ctx.trained[name].path)
-    agents = {f"{name}: each agent alone on its partition": {
+    steps = {f"{name}: one model on the pooled data": {cell.label: _records(
+        ctx.trained[name].path)} for name, cell in _cells(ctx, "central").items()}
+    steps |= {f"{name}: each agent alone on its partition": {
         p.name: _records(p) for p in sorted(ctx.trained[name].path.glob("agent-*"))}
         for name in _cells(ctx, "agents")}
-    path = loss_figure(fed, agents, ctx.out / "loss.png")
+    path = loss_figure(fed, steps, ctx.out / "loss.png")
     return [("h2", "Training loss"), ("p", _training_text(ctx)),
             ("img", "training loss", path.name)]
 
@@ -129,6 +134,10 @@ def _training_text(ctx) -> str:
             f"steps (batch {f.batch_size}, lr {f.lr:g}), held-out eq. 9 every "
             f"{f.eval_every} round(s) on {cfg.train.eval_batch} test images over the "
             f"{cfg.diffusion.steps}-point training grid.")
+    for name in _cells(ctx, "central"):
+        t = ctx.trained[name].cfg.train
+        texts[name] = (f"{t.steps} Adam steps (batch {t.batch_size}, lr {t.lr:g}) on the "
+                       "whole training split, the data no silo may share.")
     for name in _cells(ctx, "agents"):
         t = ctx.trained[name].cfg.train
         texts[name] = (f"{t.steps} Adam steps per agent (batch {t.batch_size}, lr {t.lr:g}) "
@@ -236,8 +245,7 @@ def silos(ctx) -> list[Block]:
     """Class counts per agent of every agents cell: all the server learns of their data."""
     blocks: list[Block] = [("h2", "The silos"), ("p", (
         "Class counts per silo (rows: silo; columns: label), all the server learns of a "
-        "silo's data." + (" The federation and the agents hold exactly these silos "
-                          "(checked)." if ctx.preset.same_silos else "")))]
+        "silo's data." + _same_silos_text(ctx.preset.same_silos)))]
     counts = {}
     for name in _cells(ctx, "agents"):
         c = ctx.trained[name].agents.counts.tolist()
@@ -250,6 +258,14 @@ def silos(ctx) -> list[Block]:
         if png.is_file():
             blocks.append(("img", f"partition of {name}", png.relative_to(ctx.out).as_posix()))
     return blocks
+
+
+def _same_silos_text(pair) -> str:
+    if pair is None:
+        return ""
+    fed, agents = pair
+    return (f" The federation (`{fed}`) and the agents of `{agents}` hold exactly the same "
+            "silos (checked).")
 
 
 SECTIONS = {"loss": loss, "diagnostics": diagnostics,
