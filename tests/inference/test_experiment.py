@@ -71,8 +71,18 @@ def test_quick_reproduction_writes_report_grids_and_diagnostics(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
     expected = [("control", "single agent")] + [
-        (r, a) for r in ("homogeneous", "heterogeneous") for a in AGGREGATOR_NAMES]
-    assert [(r["regime"], r["aggregator"]) for r in rows] == expected
+        (r, a) for r in ("homogeneous", "heterogeneous") for a in AGGREGATOR_NAMES] + [
+        ("heterogeneous", None)]  # the federated model on the heterogeneous agents' silos
+    assert [(r["regime"], r.get("aggregator")) for r in rows] == expected
+    assert rows[-1]["training"] == "federated" and rows[-1]["gamma_star"] >= 1
+    # the baselines side by side: one network evaluation per sample per step for one model
+    # and for route, ten for the other aggregators of ten agents
+    assert [r["evals_per_step"] for r in rows] == [1] + [
+        1 if a == "route" else 10 for _, a in expected[1:-1]] + [1]
+    assert "Against the centralised model on the pooled data" in text
+    assert ("The federation (`federated`) and the agents of `heterogeneous` hold exactly the "
+            "same silos (checked).") in text
+    assert "The `control` row is the centralised baseline" in text
     for r in rows:
         for key in ("is_mean", "is_std", "fid", "unrecognisable", "class_accuracy"):
             assert math.isfinite(r[key]), (r, key)

@@ -9,7 +9,7 @@ Every experiment (the pruning paper's table, the FI paper's table, the demo) is 
 2. sample: every sample set (one per federated or central cell, one per agents cell and
    aggregator, real images for a `real` cell) from the SAME initial noise and generator
    seed, so the sets are paired (`fedscore.inference.draw`); `route` draws its assignment
-   from a generator of that seed too;
+   from `route_generator` of that seed;
 3. evaluate every set with `fedscore.runs.evaluate.evaluate_samples` against the preset's
    reference split (one IS split rule, the reference named in every table);
 4. report: report.md and a self-contained report.html through one renderer, results.json
@@ -34,7 +34,7 @@ from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import load_agents, same_run_config, train_agents
 from fedscore.experiments.preset import Preset, load_preset
 from fedscore.experiments.sections import write_report
-from fedscore.inference.sampling import agents_score_fn, draw
+from fedscore.inference.sampling import agents_score_fn, draw, route_generator
 from fedscore.metrics import get_extractor
 from fedscore.runs.evaluate import evaluate_samples
 from fedscore.runs.federated import train_federated
@@ -175,8 +175,9 @@ def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool =
     final weights; evals_per_step: network evaluations per sample per sampler step, one for
     a single model and `route`, K for the other aggregators). The networks run on `runtime`
     (where the trained models lie); the samplers' state and noise stay on the CPU in fp32,
-    so every device draws the same noise, and `route` draws its agents from a generator
-    seeded as the noise is (every set the same settings and seed)."""
+    so every device draws the same noise, and `route` draws its agents from
+    `route_generator(seed)`, as `fedscore agents sample` does (its own stream: the noise
+    stays that of the other sets)."""
 
     info = datasets.info(preset.dataset)
     shape, s = tuple(info.shape), preset.sampling
@@ -202,7 +203,7 @@ def sample_sets(preset: Preset, trained: dict[str, Trained], *, progress: bool =
             continue
         for agg in cell.aggregators:
             score_fn = agents_score_fn(on_device(t.agents, runtime), labels, agg, clip=s.clip,
-                                       generator=torch.Generator().manual_seed(seed))
+                                       generator=route_generator(seed))
             x = draw(score_fn, len(labels), shape, times, s.method, seed, progress=progress)
             evals = (score_fn.evaluations / (len(labels) * s.steps) if agg == "route"
                      else float(t.agents.n_agents))
