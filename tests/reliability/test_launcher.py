@@ -184,7 +184,7 @@ def test_terminate_then_resume_counts_no_dead_nodes_and_a_refused_run_is_reporte
     assert not logged[1]["degraded"]
 
     assert not refused.ok and refused.status == "finished:failed"
-    assert "already holds a run" in refused.details
+    assert "holds a finished run" in refused.details
     with pytest.raises(FedscoreError, match=f"run {refused.run_id} ended finished:failed"):
         refused.check()
     assert left_over(mark, within=20) == {}

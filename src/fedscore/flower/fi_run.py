@@ -113,9 +113,9 @@ def sample_agents_on(run_dirs, out: str | Path, *, deployment: str = "inprocess"
     check_agents(dirs)
     simulation = deployment == "simulation"
     if simulation:
-        from fedscore.flower.run import _check_simulation_extra
+        from fedscore.flower.run import check_simulation_extra  # imports flwr: Flower only
 
-        _check_simulation_extra()
+        check_simulation_extra()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     home, token = out / "flower-home", uuid.uuid4().hex

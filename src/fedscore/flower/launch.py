@@ -88,13 +88,14 @@ poll = 0.5
 """
 
 
-def write_app(folder: Path, pyproject: str = APP_PYPROJECT) -> Path:
+def write_app(folder: Path, pyproject: str | None = None) -> Path:
     """The Flower app folder `flwr run` packages: only a pyproject.toml whose components
     point at the installed fedscore package (the FAB then carries no code of ours).
     pyproject: another app's (its own components and run config keys, e.g. federated
     inference's `fi_run.FI_PYPROJECT`); default: federated training's."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(pyproject)
+    # the module's APP_PYPROJECT read at call time, not bound as a default when defined
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT if pyproject is None else pyproject)
     return folder
 
 
@@ -397,7 +398,7 @@ class LocalFlowerCluster:
     # -- running the app ---------------------------------------------------------------
     def run_app(self, settings: dict, *, timeout: float | None = None,
                 stream: bool = False, check: bool = False,
-                pyproject: str = APP_PYPROJECT) -> FlowerRun:
+                pyproject: str | None = None) -> FlowerRun:
         """`flwr run <app> fedscore --run-config <settings> --stream`: returns when the run
         has ended (the ServerApp's log is streamed into logs/run.log), with the run's final
         status on the SuperLink (`flwr run` exits 0 even when the ServerApp failed).

@@ -102,7 +102,7 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
         raise FedscoreError(f"client GPUs {client_gpus} asked for, but this machine has no "
                             "CUDA device (Ray would start no virtual node); use --client-gpus 0")
     if simulation:
-        _check_simulation_extra()
+        check_simulation_extra()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flower-home"
@@ -119,7 +119,7 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     return out
 
 
-def _check_simulation_extra() -> None:
+def check_simulation_extra() -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
