@@ -49,6 +49,16 @@ COMMANDS: dict[str, tuple] = {
     "fedscore evaluate runs/fi-mnist5k/agent-00 --samples runs/fi-mixture/samples.npz": (
         "run", []),
     "fedscore agents diagnose runs/fi-mnist5k/agent-* --aggregator mean": ("run", []),
+    "fedscore agents train --config configs/fi-toy.yaml --regime heterogeneous --out runs/fi-toy":
+        ("run", ["--set", "train.steps=2", "--agents", "2"]),
+    "fedscore agents sample runs/fi-toy/agent-* --aggregator route --deployment loopback"
+    " --out runs/fi-route": (
+        "test", "tests/flower/test_fi_flower.py"
+                "::test_route_on_loopback_supernodes_through_the_cli_is_the_in_process_route"),
+    "fedscore agents sample runs/fi-toy/agent-* --aggregator mixture --deployment simulation"
+    " --out runs/fi-mix": (
+        "test", "tests/flower/test_fi_flower.py"
+                "::test_simulation_runtime_samples_equal_the_in_process_mixture"),
     "fedscore train --config configs/flower-toy.yaml --set theory.estimate=true"
     " --set theory.every=1 --out runs/theory-toy": ("run", ["--set", "federation.rounds=2"]),
     "fedscore bound runs/theory-toy": ("run", []),
