@@ -315,7 +315,8 @@ def reproduce_fi(
     dataset: Annotated[str, typer.Option(help="Dataset (bundled: mnist5k, digits).")] = "mnist5k",
     out: Annotated[Path, typer.Option(help="Folder of the agents and the report.")] = Path(
         "runs/federated-inference"),
-    budget: Annotated[str, typer.Option(help="cpu (~25 min) or quick (seconds).")] = "cpu",
+    budget: Annotated[str, typer.Option(
+        help="cpu (agents that draw digits, ~18 min), smoke or quick (seconds).")] = "cpu",
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,

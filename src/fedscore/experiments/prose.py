@@ -99,8 +99,15 @@ def fi_intro(ctx) -> list[Block]:
     cfg = ctx.trained[next(iter(p.cells))].cfg
     t = cfg.train
     n_agents = max(c.n_agents for c in p.cells.values())
+    # each agents cell's own steps: a budget may train the control agent longer (equal
+    # epochs: ten times the data, ten times the steps)
+    steps = {n: ctx.trained[n].cfg.train.steps for n, c in p.cells.items()
+             if c.kind == "agents"}
+    per_cell = (f"{t.steps} optimiser steps per agent" if len(set(steps.values())) == 1
+                else "optimiser steps per agent: " + ", ".join(
+                    f"{n} {s}" for n, s in steps.items()))
     return [("ul", [
-        f"Budget `{p.budget}`: {t.steps} optimiser steps per agent (batch {t.batch_size}, "
+        f"Budget `{p.budget}`: {per_cell} (batch {t.batch_size}, "
         f"Adam lr {t.lr:g}), tiny class-conditional U-Net {cfg.model.options or ''}, "
         f"{n_agents} agents per federated regime; the paper trained to convergence on a "
         "GPU, so absolute numbers here are those of briefly trained agents.",
