@@ -25,7 +25,7 @@ def test_unknown_budget_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["reproduce", "federated-inference", "--budget", "huge",
                                       "--dataset", "digits", "--out", str(tmp_path)])
     assert isinstance(result.exception, FedscoreError)
-    assert "choose one of: cpu, quick" in str(result.exception)
+    assert "choose one of: cpu, smoke, quick" in str(result.exception)
 
 
 def tiny_agents_config(tmp_path):

@@ -84,7 +84,15 @@ def start_cli(out: Path, rounds: int, *extra: str) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "fedscore.cli", "flower", "run", "--config",
              str(ROOT / "configs" / "flower-toy.yaml"), *sets, "--out", str(out), *extra],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=_interruptible)
+
+
+def _interruptible() -> None:
+    """In the CLI's process before exec: SIGINT back to its default. An ignored signal is
+    inherited across exec, and a test suite started in the background by a non-interactive
+    shell (`make test &`, nohup) runs with SIGINT ignored: the CLI would never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_apps(cli: subprocess.Popen, mark: str, timeout: float = 240.0) -> None:
