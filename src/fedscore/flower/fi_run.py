@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import check_sampling, sample_agents
-from fedscore.flower.launch import LocalFlowerCluster, tail
+from fedscore.flower.launch import LocalFlowerCluster, app_pyproject, tail
 from fedscore.inference.agents import read_class_counts
 from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config
 
@@ -28,29 +28,10 @@ DEPLOYMENTS = ("inprocess", "loopback", "simulation")
 STATUS = "flower-fi.json"
 """The server's record in `out`: this launch's token, finished/failed (and why), per-call
 timings. (Flower itself is imported only for the Flower deployments.)"""
-FI_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedscore-flower-fi"
-version = "1.0.0"
-description = "fedscore's federated inference: agents on their silos, scores combined per step"
-license = "MIT"
-dependencies = ["fedscore"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedscore"
-
-[tool.flwr.app.components]
-serverapp = "fedscore.flower.fi_server_app:app"
-clientapp = "fedscore.flower.fi_client_app:app"
-
-[tool.flwr.app.config]
+FI_PYPROJECT = app_pyproject(
+    "fedscore-flower-fi",
+    "fedscore's federated inference: agents on their silos, scores combined per step",
+    "fi", """\
 agents = 1
 out = ""
 aggregator = "mixture"
@@ -64,7 +45,7 @@ precision = ""
 start-wait = 120.0
 step-timeout = 600.0
 poll = 0.02
-"""
+""")
 """The FI app's pyproject (`launch.write_app`): its components and run config keys
 (`fi_server_app.FISettings`; Flower refuses keys the app does not declare)."""
 

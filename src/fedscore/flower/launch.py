@@ -53,15 +53,21 @@ from fedscore.flower.security import TLSFiles, make_node_key, make_tls
 CONNECTION = "fedscore"
 IN_MEMORY_DATABASE = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C while a federation runs
-APP_PYPROJECT = """\
+def app_pyproject(name: str, description: str, module: str, config: str) -> str:
+    """The pyproject.toml of a Flower app whose ServerApp and ClientApp are
+    `fedscore.flower.<module>_server_app:app` / `<module>_client_app:app` (module "" for
+    federated training's), declaring the run config keys `config` (TOML lines; Flower
+    refuses keys the app does not declare)."""
+    prefix = f"{module}_" if module else ""
+    return f"""\
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "fedscore-flower"
+name = "{name}"
 version = "1.0.0"
-description = "fedscore's federated score-model training (pruned workers, eqs. 7-8)"
+description = "{description}"
 license = "MIT"
 dependencies = ["fedscore"]
 
@@ -72,10 +78,16 @@ packages = ["."]
 publisher = "fedscore"
 
 [tool.flwr.app.components]
-serverapp = "fedscore.flower.server_app:app"
-clientapp = "fedscore.flower.client_app:app"
+serverapp = "fedscore.flower.{prefix}server_app:app"
+clientapp = "fedscore.flower.{prefix}client_app:app"
 
 [tool.flwr.app.config]
+{config}"""
+
+
+APP_PYPROJECT = app_pyproject(
+    "fedscore-flower", "fedscore's federated score-model training (pruned workers, eqs. 7-8)",
+    "", """\
 config = ""
 out = ""
 resume = false
@@ -85,7 +97,7 @@ node-wait = 10.0
 min-nodes = 0
 min-replies = 1
 poll = 0.5
-"""
+""")
 
 
 def write_app(folder: Path, pyproject: str | None = None) -> Path:
