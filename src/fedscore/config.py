@@ -52,9 +52,30 @@ class Strict(BaseModel):
 
 class DataConfig(Strict):
     name: str = "gmm:ring8"
-    """A dataset of `fedscore.data` ("mnist5k", "digits", "mnist", ..., "gmm:<preset>")."""
+    """A dataset of `fedscore.data` ("mnist5k", "digits", "mnist", ..., "gmm:<preset>"), or
+    the user's own images: "folder" (an image folder at `path`) or "arrays" (an .npz file at
+    `path`)."""
     data_root: str | None = None
+    """Where a torchvision dataset (mnist, fashion-mnist, cifar10, svhn) lies."""
     download: bool = False
+    path: str | None = None
+    """The image folder or .npz file of `name: folder | arrays`."""
+    test_path: str | None = None
+    """A separate held-out folder / .npz (same format); else `test_fraction` of `path`."""
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    """Own data without `test_path`: this fraction (stratified per class) is held out."""
+    split_seed: Int = Field(12345, ge=0, le=2**62 - 1)
+    """Own data: the seed of the held-out split (never the run's seed)."""
+    image_size: Int | None = Field(None, ge=1)
+    """Own data: resize (shorter side) and centre-crop every image to image_size^2."""
+    channels: Literal[1, 3] | None = None
+    """Own data: 1 (grey) or 3 (RGB); images are converted. None: what the data hold."""
+    hflip: bool = False
+    """Own data: add every training image's mirror image (horizontal-flip augmentation)."""
+    classes: list[str] | None = None
+    """Own folder data: the class folder names in label order (what silos that lack a class
+    need so that every silo numbers the classes alike); None: integer folder names are
+    their labels, other names are numbered in sorted order."""
 
 
 class ModelConfig(Strict):
@@ -65,6 +86,13 @@ class ModelConfig(Strict):
     """Class-conditional on the dataset's labels (federated inference's agents are)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the model's constructor (e.g. hidden, depth)."""
+    num_classes: Int | None = Field(None, ge=1)
+    """The number of labels a class-conditional model knows; it wins over what the data
+    show (a silo that lacks the highest class builds the same label table). None: the
+    dataset's number of classes."""
+    pretrained: str | None = None
+    """kind diffusers-unet: a local diffusers UNet2DModel / UNet2DConditionModel folder whose
+    weights are theta_0 (nothing is downloaded)."""
 
 
 class DiffusionConfig(Strict):
@@ -118,7 +146,10 @@ class SampleConfig(Strict):
 
 
 class PartitionConfig(Strict):
-    scheme: Literal["iid", "dirichlet", "shards", "homogeneous", "dominant", "all"] = "iid"
+    scheme: Literal["iid", "dirichlet", "shards", "homogeneous", "dominant", "all",
+                    "natural"] = "iid"
+    """"natural": the silos the data give (own data: a folder level or the .npz `group`
+    array), one per worker."""
     alpha: Float = Field(0.5, gt=0)
     """Dirichlet concentration (scheme: dirichlet)."""
     classes_per_worker: Int = Field(2, ge=1)

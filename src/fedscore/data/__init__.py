@@ -2,7 +2,14 @@
 
 from fedscore.data.partition import SCHEMES, class_histogram, partition
 from fedscore.data.plots import plot_partition
-from fedscore.data.sources import DATASETS, DatasetInfo, family, info, load
+from fedscore.data.sources import (
+    DATASETS,
+    DatasetInfo,
+    family,
+    info,
+    load,
+    shape_and_classes,
+)
 
 __all__ = [
     "DATASETS",
@@ -14,4 +21,5 @@ __all__ = [
     "load",
     "partition",
     "plot_partition",
+    "shape_and_classes",
 ]

@@ -418,3 +418,19 @@ def info(name: str) -> DatasetInfo:
         name, tuple(x.shape[1:]), int(y.max()) + 1,
         {"train": n_train, "test": len(y) - n_train}, description,
     )
+
+
+def shape_and_classes(cfg) -> tuple[tuple[int, ...], int]:
+    """(item shape, number of classes) of the model a run config names: what a Flower
+    server, which holds no data, sizes the model by. The config wins over the data:
+    `model.num_classes` over the dataset's classes, and own data's `data.image_size` and
+    `data.channels` (both set: no data is read) over the images' own size."""
+    d = cfg.data
+    if d.image_size is not None and d.channels is not None:
+        shape: tuple[int, ...] = (d.channels, d.image_size, d.image_size)
+        classes = cfg.model.num_classes
+        if classes is None:
+            classes = info(d.name).classes if d.path else 1
+        return shape, classes
+    ds = info(d.name)
+    return tuple(ds.shape), cfg.model.num_classes or ds.classes
