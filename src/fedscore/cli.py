@@ -7,6 +7,11 @@ damaged safetensors file, too little memory: `fault_message`). Library warnings 
 rebuilt, mini-batches larger than a worker's data) are printed as `fedscore: warning: ...`.
 Each command imports its machinery inside its own body, so that `fedscore --help` and a
 mistyped command answer at once instead of after importing torch, Flower and Ray.
+
+Help texts are rich markup: a '[' that starts a word is a style tag and vanishes (issue 18:
+"fedscore[simulation]" printed as "fedscore"), so a literal one is written '\\['. (Plain
+help, rich_markup_mode=None, would print typer's own "\\[default: ...]" with its backslash.)
+`-h` is `--help` everywhere.
 """
 
 from __future__ import annotations
@@ -19,16 +24,51 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
-from fedscore.errors import FedscoreError
+from fedscore.errors import FedscoreError, unknown
 
-app = typer.Typer(
-    help="Federated diffusion models: federated training with pruning, federated inference.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+def _typer(help: str) -> typer.Typer:
+    """A command group with the CLI's shared settings: `-h` as `--help`, help when called
+    bare, no tracebacks dressed up by typer, no shell-completion options."""
+    return typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False,
+                       add_completion=False, context_settings=HELP_OPTIONS)
+
+
+app = _typer("Federated diffusion models: federated training with pruning, federated inference.")
+
+
+def package_version() -> str:
+    """fedscore's version: the installed distribution's, else fedscore.__version__ (a source
+    tree on PYTHONPATH without an install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedscore")
+    except PackageNotFoundError:
+        import fedscore
+
+        return getattr(fedscore, "__version__", "unknown")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedscore {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print fedscore's version and exit.")] = False,
+) -> None:
+    # the group's own options; its help text is the Typer's
+    pass
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config.")]
 SetOpt = Annotated[
@@ -67,6 +107,19 @@ def _config(config: Path | None, overrides: list[str] | None, out: Path | None,
     return load_config(config, overrides or [], **fields)
 
 
+def _need_config(command: str, config: Path | None, overrides: list[str] | None,
+                 example: str) -> None:
+    """A training command called without --config and without --set is a usage error (exit
+    code 2): a bare `fedscore train` used to start a 2,000-step toy run nobody asked for
+    (issue 18). --set on the built-in defaults stays: it names what it changes."""
+    if config is None and not overrides:
+        raise click.UsageError(
+            f"{command} needs a run config: --config FILE, e.g. --config {example} (the "
+            "repository's configs/ folder holds examples), or the built-in defaults changed "
+            "with --set KEY=VALUE (--dry-run prints them)",
+            ctx=click.get_current_context(silent=True))
+
+
 def _out_fields(out: Path) -> dict[str, str]:
     """--out as the config's out_dir and name. --out may be any folder; its own name becomes
     the run's name, which must be a safe one (config.NAME_PATTERN). '..' is resolved in the
@@ -97,10 +150,11 @@ def train(
     """Train a score model (centralised, or federated when the config has `federation`)."""
     from fedscore.config import dump_config
 
-    cfg = _config(config, set_, out, device, precision)
+    cfg = _config(config, set_, out, device, precision)  # bad values first, then usage
     if dry_run:
         typer.echo(dump_config(cfg))
         return
+    _need_config("train", config, set_, "configs/toy-gmm.yaml")
     if cfg.federation != "none":
         from fedscore.runs.federated import train_federated
 
@@ -138,7 +192,11 @@ def sample(
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
-    samples: Annotated[Path | None, typer.Option(help="samples.npz to score.")] = None,
+    samples: Annotated[Path | None, typer.Option(
+        help="samples.npz to score (default: the run's own); eval.json goes next to it.")] = (
+        None),
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for eval.json (default: the samples' folder).")] = None,
     n: Annotated[int, typer.Option(help="Samples to draw when there are none.")] = 1000,
     seed: SeedOpt = 0,
     inception_weights: Annotated[Path | None, typer.Option(
@@ -146,16 +204,18 @@ def evaluate(
     device: RunDeviceOpt = None,
     precision: RunPrecisionOpt = None,
 ) -> None:
-    """Score a run's samples (FID, KID, IS, precision/recall, or exact toy metrics)."""
+    """Score a run's samples (FID, KID, IS, precision/recall, or exact toy metrics) against
+    the run's data; eval.json goes to --out, else next to the samples, never into another
+    run's folder."""
     import json
 
-    from fedscore.runs.evaluate import evaluate_run
+    from fedscore.runs.evaluate import eval_path, evaluate_run
 
     scores = evaluate_run(run_dir, samples=samples, n=n, seed=seed,
                           inception_weights=inception_weights, device=device,
-                          precision=precision)
+                          precision=precision, out=out)
     typer.echo(json.dumps(scores, indent=2, default=str))
-    typer.echo(f"eval.json: {Path(run_dir) / 'eval.json'}")
+    typer.echo(f"eval.json: {eval_path(run_dir, samples, out)}")
 
 
 @app.command()
@@ -185,7 +245,7 @@ def bound(
     typer.echo(f"bound report: {run_bound(run_dir, params, out)}")
 
 
-features_app = typer.Typer(help="Domain feature extractors for FID/IS.", no_args_is_help=True)
+features_app = _typer("Domain feature extractors for FID/IS.")
 app.add_typer(features_app, name="features")
 
 
@@ -195,23 +255,26 @@ def features_train(
     device: Annotated[str, typer.Option(
         help="Where it trains: auto|cpu|cuda|cuda:N|mps (always fp32: it is a metric).")] = (
         "auto"),
+    data_root: Annotated[Path | None, typer.Option(
+        help="Folder holding the dataset in torchvision's layout (mnist, fashion-mnist, "
+             "cifar10, svhn); the bundled mnist5k and digits need none.")] = None,
 ) -> None:
     """Train (or load from the cache) the dataset's feature classifier; print its accuracy."""
     from fedscore.metrics import get_extractor
     from fedscore.runtime import resolve
 
-    extractor = get_extractor(dataset, device=resolve(device, "fp32").device)
+    extractor = get_extractor(dataset, device=resolve(device, "fp32").device,
+                              data_root=data_root)
     state = "meets" if extractor.meets_floor else "is BELOW"
     typer.echo(f"{dataset}: held-out accuracy {extractor.test_accuracy:.4f} "
                f"({state} the floor {extractor.floor})")
 
 
-reproduce_app = typer.Typer(help="Reproduce the papers' experiments on bundled data.",
-                            no_args_is_help=True)
+reproduce_app = _typer("Reproduce the papers' experiments on bundled data.")
 app.add_typer(reproduce_app, name="reproduce")
 
 
-agents_app = typer.Typer(help="Federated inference: independent agents.", no_args_is_help=True)
+agents_app = _typer("Federated inference: independent agents.")
 app.add_typer(agents_app, name="agents")
 
 
@@ -235,6 +298,7 @@ def agents_train(
     if dry_run:
         typer.echo(dump_config(cfg), nl=False)
         return
+    _need_config("agents train", config, set_, "configs/fi-toy.yaml")
     for run_dir in train_agents(cfg, regime, out, n_agents=agents):
         typer.echo(f"agent: {run_dir}")
 
@@ -343,8 +407,8 @@ def reproduce_pruning(
          precision=precision)
 
 
-experiment_app = typer.Typer(help="Experiment presets: cells trained, sampled, evaluated and "
-                                  "reported by one runner.", no_args_is_help=True)
+experiment_app = _typer("Experiment presets: cells trained, sampled, evaluated and reported "
+                        "by one runner.")
 app.add_typer(experiment_app, name="experiment")
 
 
@@ -374,8 +438,7 @@ def experiment_list() -> None:
     typer.echo("\n".join(preset_names()))
 
 
-flower_app = typer.Typer(help="Federated training on Flower (SuperLink + SuperNodes).",
-                         no_args_is_help=True)
+flower_app = _typer("Federated training on Flower (SuperLink + SuperNodes).")
 app.add_typer(flower_app, name="flower")
 
 
@@ -386,7 +449,8 @@ def flower_run(
     out: OutOpt = None,
     deployment: Annotated[str, typer.Option(
         help="loopback (real SuperLink + SuperNodes on 127.0.0.1) or simulation (Flower's "
-             "simulation runtime; needs flwr[simulation]).")] = "loopback",
+             "simulation runtime; needs Ray: pip install 'fedscore\\[simulation]').")] = (
+        "loopback"),
     nodes: Annotated[int | None, typer.Option(
         help="SuperNodes to start (default: federation.workers).")] = None,
     tls: Annotated[bool, typer.Option(help="Serve the SuperLink over TLS (test CA).")] = False,
@@ -416,6 +480,7 @@ def flower_run(
     from fedscore.flower.run import run_flower
 
     cfg = _config(config, set_, out, device, precision)
+    _need_config("flower run", config, set_, "configs/flower-toy.yaml")
     devices = {}
     for item in node_device or []:
         n, sep, dev = item.partition("=")
@@ -438,6 +503,31 @@ def flower_app_dir(
     from fedscore.flower.launch import write_app
 
     typer.echo(f"Flower app: {write_app(folder)}")
+
+
+# what fedscore.export.FORMATS holds; checked here so that a wrong --format is refused at
+# once, without importing torch and diffusers (a test compares the two)
+EXPORT_FORMATS = ("diffusers",)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder (a diffusers model).")],
+    out: Annotated[Path, typer.Option(help="Folder to write (unet/ and scheduler/).")],
+    format_: Annotated[str, typer.Option(
+        "--format", help="What to write: diffusers (a folder DDPMPipeline.from_pretrained "
+                         "loads).")] = "diffusers",
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace --out when it already holds files.")] = False,
+) -> None:
+    """Export a trained model for another ecosystem: a diffusers folder (UNet + DDPM
+    scheduler) of a run whose model is of a diffusers kind."""
+    if format_ not in EXPORT_FORMATS:
+        raise unknown("export format", format_, EXPORT_FORMATS)
+    from fedscore.export import export_run
+
+    folder = export_run(run_dir, out, fmt=format_, overwrite=overwrite)
+    typer.echo(f"{format_} folder: {folder}")
 
 
 @app.command()

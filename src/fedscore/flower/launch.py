@@ -46,13 +46,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedscore.errors import FedscoreError
+from fedscore.errors import FedscoreError, require
 from fedscore.flower import reaper
 from fedscore.flower.security import TLSFiles, make_node_key, make_tls
 
 CONNECTION = "fedscore"
 IN_MEMORY_DATABASE = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C while a federation runs
+
+
+def check_simulation_extra() -> None:
+    """Flower's simulation runtime runs its virtual SuperNodes as Ray actors: without Ray
+    the SuperLink starts and then fails inside a subprocess, so say it before anything
+    starts, as one FedscoreError naming the extra that installs it."""
+    try:
+        require("ray", "simulation", "Flower's simulation runtime (--deployment simulation)")
+    except FedscoreError as err:
+        raise FedscoreError(f"{err} (or use --deployment loopback, which needs nothing more)"
+                            ) from None
+
+
 def app_pyproject(name: str, description: str, module: str, config: str) -> str:
     """The pyproject.toml of a Flower app whose ServerApp and ClientApp are
     `fedscore.flower.<module>_server_app:app` / `<module>_client_app:app` (module "" for
@@ -211,6 +224,8 @@ class LocalFlowerCluster:
             raise FedscoreError("client resources (num-cpus, num-gpus) are the simulation "
                                 "runtime's; a deployment SuperNode uses its whole machine")
         self.simulation_config()  # checks the resources before anything starts
+        if self.simulation:
+            check_simulation_extra()
 
     # -- environment -------------------------------------------------------------------
     def env(self) -> dict[str, str]:

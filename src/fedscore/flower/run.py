@@ -24,7 +24,11 @@ import torch
 
 from fedscore.config import FederationConfig, RunConfig, dump_config
 from fedscore.errors import FedscoreError
-from fedscore.flower.launch import LocalFlowerCluster, tail
+from fedscore.flower.launch import (  # check_simulation_extra: also fi_run's
+    LocalFlowerCluster,
+    check_simulation_extra,
+    tail,
+)
 from fedscore.flower.server_app import TOKEN_LINE, token_of
 
 DEPLOYMENTS = ("loopback", "simulation")
@@ -117,13 +121,3 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     server_result(out, token_of(settings["config"]), done.stdout or "",
                   home / "logs" / "run.log")
     return out
-
-
-def check_simulation_extra() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise FedscoreError(
-            "Flower's simulation runtime needs Ray: pip install 'flwr[simulation]' "
-            "(or use --deployment loopback, which needs nothing more)"
-        ) from None

@@ -248,6 +248,29 @@ def real_statistics(stats_of, cfg: RunConfig, images: Tensor, labels: Tensor
 # ---------------------------------------------------------------- evaluation
 
 
+def eval_path(run_dir: str | os.PathLike, samples: str | os.PathLike | None = None,
+              out: str | os.PathLike | None = None) -> Path:
+    """Where `evaluate_run` writes eval.json: `out/eval.json` when out is given, else next to
+    the samples file scored (the run folder's own samples.npz by default).
+
+    Samples in ANOTHER run's folder (one holding a config.yaml) without `out` are refused:
+    their eval.json is that run's own scores, and scoring them against this run would
+    overwrite it (issue 18: the README's own `evaluate agent-00 --samples ...` example did
+    that to agent-00)."""
+    if out is not None:
+        return Path(out) / EVAL
+    if samples is None:
+        return Path(run_dir) / EVAL
+    folder = Path(samples).parent
+    if (folder / "config.yaml").is_file() and folder.resolve() != Path(run_dir).resolve():
+        raise FedscoreError(
+            f"the samples {str(samples)!r} lie in another run's folder ({str(folder)!r}), "
+            f"whose own {EVAL} would be overwritten by this evaluation of "
+            f"{str(run_dir)!r}; pass --out DIR (evaluate_run(out=...)) for its {EVAL}"
+        )
+    return folder / EVAL
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
@@ -258,8 +281,10 @@ def evaluate_run(
     progress: bool = True,
     device: str | None = None,
     precision: str | None = None,
+    out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Measure a run's samples and write `eval.json` into the run folder; returns its dict.
+    """Measure a run's samples and write `eval.json` (where `eval_path` says: `out`, else
+    next to the samples, by default in the run folder); returns its dict.
 
     samples: a samples.npz (default: the run folder's; drawn first with `sample_run(n,
     seed)` when absent). seed also drives the metrics' own randomness (KID subsets, IS
@@ -270,6 +295,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     runtime = for_run(cfg, device, precision)
+    destination = eval_path(run_dir, samples, out)  # refused before any work
     path = Path(samples) if samples is not None else run_dir / SAMPLES
     if samples is None and not path.is_file():
         sample_run(run_dir, n, seed=seed, progress=progress, device=str(runtime.device),
@@ -291,7 +317,8 @@ def evaluate_run(
             result |= inception_metrics(inception, cfg, x, seed=seed, progress=progress)
     result["runtime"] = runtime.describe()
     result = json_safe(result)
-    atomic_write_text(run_dir / EVAL, json.dumps(result, indent=2))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(destination, json.dumps(result, indent=2))
     return result
 
 
