@@ -14,7 +14,7 @@ LAYERS = [
     {"errors", "io", "cache", "runtime", "config", "plotting"},
     {"diffusion", "toy", "data", "models"},
     {"federated", "inference", "metrics", "theory"},
-    {"runs", "experiments", "demo"},
+    {"runs", "experiments", "demo", "export"},
     {"flower"},
     {"cli", "__main__"},
 ]

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 
-from fedscore import __version__
+from fedscore.diffusion.grids import ddpm_betas
 from fedscore.errors import FedscoreError, unknown
 from fedscore.inference.agents import COUNTS_FILE
 from fedscore.models.pretrained import PRETRAINED_TIME_MAP, import_diffusers
+from fedscore.runs.evaluate import load_model, read_config
+from fedscore.runs.folder import versions
 
 FORMATS = ("diffusers",)
 EXPORT_FILE = "fedscore_export.json"
@@ -130,8 +132,6 @@ def export_diffusers(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     (module docstring); returns `out_dir`. Refused, with nothing written: a model that the
     DDPM pipeline cannot run exactly (check_exportable), a non-finite model, a non-empty
     out_dir without overwrite."""
-    from fedscore.runs.evaluate import load_model, read_config  # runs/ imports the models
-
     run_dir, out = Path(run_dir), Path(out_dir)
     cfg = read_config(run_dir)
     check_exportable(cfg)
@@ -147,7 +147,7 @@ def export_diffusers(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     scheduler = diffusers.DDPMScheduler(**DDPM_SCHEDULER)
     pipeline = diffusers.DDPMPipeline(unet=net.unet, scheduler=scheduler)
     meta = {
-        "format": "diffusers", "fedscore_version": __version__,
+        "format": "diffusers", "versions": {**versions(), "diffusers": diffusers.__version__},
         "run": cfg.name, "run_dir": str(run_dir),
         "architecture": type(net.unet).__name__,
         "time_map": "ddpm",
@@ -186,8 +186,6 @@ def ddpm_times(timesteps) -> torch.Tensor:
     """fedscore's forward-time grid of a DDPMScheduler's `timesteps` (descending DDPM
     indices): t_k = -0.5 log alpha_bar_k for each, then 0 (DDPM's last step goes to x_0),
     float64 — the grid on which fedscore's ancestral sampler repeats the pipeline."""
-    from fedscore.diffusion.grids import ddpm_betas
-
     table = -0.5 * torch.log(torch.cumprod(1.0 - ddpm_betas(DDPM_SCHEDULER[
         "num_train_timesteps"]), 0))
     idx = torch.as_tensor(timesteps, dtype=torch.long)
