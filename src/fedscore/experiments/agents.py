@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from fedscore import data as datasets
 from fedscore import diffusion
 from fedscore.config import dump_config, load_config
+from fedscore.data import shape_and_classes
 from fedscore.errors import FedscoreError, unknown
+from fedscore.experiments.diffusers_agents import (
+    agent_config,
+    is_diffusers_folder,
+    load_diffusers_agent,
+    signature,
+)
 from fedscore.federated.engine import in_threads
 from fedscore.inference.agents import (
     COUNTS_FILE,
@@ -130,28 +137,34 @@ def train_agents(
     return folders
 
 
+def load_agent(path: Path):
+    """(model, RunConfig, class counts) of one agent: a run folder (its trained model, EMA
+    weights when kept, and class_counts.json) or a diffusers folder (`diffusers_agents`)."""
+    if is_diffusers_folder(path):
+        return load_diffusers_agent(path)
+    counts = read_class_counts(path)
+    model, cfg = load_model(path)
+    return model, cfg, counts
+
+
 def load_agents(
     run_dirs: Sequence[str | Path], *, strategy: str = "auto", device: str | None = None
 ) -> StackedAgents:
-    """Stack the trained agents of `run_dirs` (their EMA weights when kept) with their
-    class counts; `.config` is the first agent's RunConfig. All agents must share model,
-    data and diffusion settings."""
+    """Stack the agents of `run_dirs` (run folders: their EMA weights when kept; diffusers
+    pipeline or unet folders: their weights, `experiments.diffusers_agents`) with their
+    class counts; `.config` is the first agent's RunConfig. Run folders alone must share
+    model, data and diffusion settings; a set with diffusers folders must share one
+    architecture, item shape, labels, parameterisation and time map (`signature`)."""
     if strategy not in STRATEGIES:
         raise unknown("agent strategy", strategy, STRATEGIES)
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise FedscoreError("load_agents needs at least one agent run folder")
-    counts = [read_class_counts(d) for d in dirs]
-    models, cfgs = zip(*(load_model(d) for d in dirs))
-    same = ("model", "data", "diffusion")
-    ref = {k: dump_config(getattr(cfgs[0], k)) for k in same}
-    for d, cfg in zip(dirs[1:], cfgs[1:]):
-        for k in same:
-            if dump_config(getattr(cfg, k)) != ref[k]:
-                raise FedscoreError(
-                    f"agent {str(d)!r} has different `{k}` settings than {str(dirs[0])!r}: "
-                    "federated inference combines agents of one architecture on one dataset"
-                )
+    models, cfgs, counts = zip(*(load_agent(d) for d in dirs))
+    if any(is_diffusers_folder(d) for d in dirs):
+        _check_one_architecture(dirs, models, cfgs)
+    else:
+        _check_same_settings(dirs, cfgs)
     width = max(len(c) for c in counts)
     counts_t = torch.tensor([c + [0] * (width - len(c)) for c in counts], dtype=torch.long)
     if device is not None:
@@ -162,20 +175,52 @@ def load_agents(
     return agents
 
 
+def _check_same_settings(dirs: list[Path], cfgs) -> None:
+    same = ("model", "data", "diffusion")
+    ref = {k: dump_config(getattr(cfgs[0], k)) for k in same}
+    for d, cfg in zip(dirs[1:], cfgs[1:]):
+        for k in same:
+            if dump_config(getattr(cfg, k)) != ref[k]:
+                raise FedscoreError(
+                    f"agent {str(d)!r} has different `{k}` settings than {str(dirs[0])!r}: "
+                    "federated inference combines agents of one architecture on one dataset"
+                )
+
+
+def _check_one_architecture(dirs: list[Path], models, cfgs) -> None:
+    ref = signature(models[0], cfgs[0])
+    for d, model, cfg in zip(dirs[1:], models[1:], cfgs[1:]):
+        sig = signature(model, cfg)
+        for k, v in ref.items():
+            if sig[k] != v:
+                what = ("another architecture" if k == "parameters"
+                        else f"{sig[k]!r} vs {v!r}")
+                raise FedscoreError(
+                    f"agent {str(d)!r} differs from {str(dirs[0])!r} in its {k} ({what}): "
+                    "federated inference combines agents of one architecture on one kind "
+                    "of image"
+                )
+
+
 def agents_runtime(run_dirs, device: str | None = None, precision: str | None = None
                    ) -> Runtime:
     """Where to run trained agents (`runtime.for_run` of the first agent's config)."""
-    dirs = list(run_dirs)
-    return for_run(read_config(dirs[0]), device, precision) if dirs else CPU_FP32
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        return CPU_FP32
+    cfg = agent_config(dirs[0]) if is_diffusers_folder(dirs[0]) else read_config(dirs[0])
+    return for_run(cfg, device, precision)
 
 
 def sample_agents(run_dirs, out: str | Path, *, aggregator: str = "mixture",
                   per_label: int = 10, steps: int = 100, seed: int = 0,
                   progress: bool = True, device: str | None = None,
                   precision: str | None = None) -> dict[str, Path]:
-    """Federated inference from trained agents' run folders: `per_label` samples of every
-    label, the agents combined by `aggregator` at each of `steps` exponential-integrator
-    steps (an SDE sampler: the mixture's density tracking needs its noise) on the agents'
+    """Federated inference from trained agents' run folders or diffusers folders
+    (`load_agents`): `per_label` samples of every label (of class-conditional agents; of
+    unconditional ones, `per_label` in all, combined by mean, mixture or route), the
+    agents combined by `aggregator` at each of `steps` exponential-integrator steps (an SDE
+    sampler: the mixture's density tracking needs its noise) on the agents'
     sampling grid (their config's `sample.grid` over [delta, T]); `route` assigns each
     sample its agent from `inference.sampling.route_generator(seed)`. Writes `samples.npz`
     (as `fedscore sample` does, so `fedscore evaluate AGENT_DIR --samples` scores it) and
@@ -211,22 +256,25 @@ def sample_with(agents, out: str | Path, *, aggregator: str, per_label: int, ste
     in-process route draws it, and each agent draws its own rows where it lives (on Flower,
     one message per silo instead of one per step). where: said in the figure's title."""
     cfg = agents.config
-    info = datasets.info(cfg.data.name)
-    labels = torch.arange(info.classes).repeat_interleave(per_label)
+    shape, classes = shape_and_classes(cfg)
+    # unconditional agents (diffusers folders without a label table): per_label in total
+    labels = (torch.arange(classes).repeat_interleave(per_label) if cfg.model.conditional
+              else None)
+    n = per_label if labels is None else len(labels)
     times = sampling_grid(cfg.model_copy(update={"sample": cfg.sample.model_copy(
         update={"steps": steps})}))
-    shape = tuple(info.shape)
     generator = route_generator(seed) if aggregator == "route" else None
     score_fn = agents_score_fn(agents, labels, aggregator, generator=generator)
     routed = getattr(agents, "sample_routed", None)
     if aggregator == "route" and callable(routed):
-        x = routed(score_fn.assign(len(labels)), labels, shape, times, SAMPLER, seed)
+        x = routed(score_fn.assign(n), labels, shape, times, SAMPLER, seed)
     else:
-        x = draw(score_fn, len(labels), shape, times, SAMPLER, seed, progress=progress)
+        x = draw(score_fn, n, shape, times, SAMPLER, seed, progress=progress)
     out = Path(out)
     npz = write_samples(out / SAMPLES, x, labels, seed)
     figure = image_grid(x.clamp(-1, 1), out / FIGURE, nrow=per_label,
-                        title=f"federated inference ({aggregator}, {where}): one row per label")
+                        title=f"federated inference ({aggregator}, {where})"
+                        + ("" if labels is None else ": one row per label"))
     return {"samples": npz, "figure": Path(figure)}
 
 

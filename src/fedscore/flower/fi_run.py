@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import check_sampling, sample_agents
+from fedscore.experiments.diffusers_agents import is_diffusers_folder
 from fedscore.flower.launch import LocalFlowerCluster, app_pyproject, tail
 from fedscore.inference.agents import read_class_counts
 from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config
@@ -69,6 +70,12 @@ def check_agents(run_dirs: list[Path]) -> None:
     if not run_dirs:
         raise FedscoreError("name at least one agent run folder")
     for d in run_dirs:
+        if is_diffusers_folder(d):
+            raise FedscoreError(
+                f"{str(d)!r} is a diffusers folder: diffusers folders are agents of the "
+                "in-process deployment only (--deployment inprocess); on Flower each agent "
+                "is a SuperNode holding a run folder"
+            )
         read_config(d)
         read_class_counts(d)
         if not (d / "model.safetensors").is_file():

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fedscore import diffusion
+from fedscore.errors import FedscoreError
 from fedscore.inference.agents import StackedAgents
 from fedscore.inference.aggregators import combine
 
@@ -30,8 +31,14 @@ def agents_score_fn(agents, labels: Tensor, aggregator: str, *, clip: bool = Fal
     for the others each agent is clipped, and their combination stays in range. `route`
     evaluates each agent only on the samples routed to it (its labels with them), drawing
     the routes from `generator`. The returned callable is the aggregator (the mixture's
-    weights are read from it with `weights_now()`, route's assignment from `assignment`)."""
-    weights = agents.weights_for(labels) if aggregator != "mean" else None
+    weights are read from it with `weights_now()`, route's assignment from `assignment`).
+
+    labels None (unconditional agents): `mean`, `mixture` and `route` need no label; the
+    latter two take the agents' sizes (their class counts summed) as prior weights pi, or
+    uniform ones when the agents carry no counts. `weighted` and `hybrid` weight each
+    sample by the agents' counts of its label, so they refuse unconditional agents."""
+    weights = label_free_weights(agents, aggregator) if labels is None else (
+        agents.weights_for(labels) if aggregator != "mean" else None)
     if aggregator == "route":
         singles = _single_agents(agents)
         fns = (agents.with_labels(labels) if singles is None
@@ -43,6 +50,24 @@ def agents_score_fn(agents, labels: Tensor, aggregator: str, *, clip: bool = Fal
     if clip:
         bound = diffusion.clip_denoised(bound)
     return combine(bound, aggregator, weights=weights)
+
+
+def label_free_weights(agents, aggregator: str) -> Tensor | None:
+    """(K,) prior weights of unconditional agents: their sizes (summed class counts), or
+    None (uniform) when they carry none; a FedscoreError for the label-weighted
+    aggregators."""
+    if aggregator in ("weighted", "hybrid"):
+        raise FedscoreError(
+            f"the {aggregator!r} aggregator weights each sample by the agents' counts of its "
+            "label, but these agents are unconditional (no labels); use mean, mixture or route"
+        )
+    if aggregator == "mean":
+        return None
+    counts = getattr(agents, "counts", None)  # also through runs.sampling.OnDevice
+    if counts is None:
+        return None
+    sizes = torch.as_tensor(counts, dtype=torch.float64).sum(1)
+    return sizes if bool((sizes > 0).any()) else None
 
 
 def _single_agents(agents) -> list | None:

@@ -21,6 +21,7 @@ from fedscore.models.build import (
 )
 from fedscore.models.ema import ema_decay, ema_init, ema_update, ema_update_
 from fedscore.models.mlp import ScoreMLP, time_embedding
+from fedscore.models.pretrained import check_pretrained
 from fedscore.models.registry import MODELS, build_model, count_params
 from fedscore.models.unet import PRESETS as UNET_PRESETS
 from fedscore.models.unet import UNet, unet_preset
@@ -33,6 +34,7 @@ __all__ = [
     "UNet",
     "build_model",
     "build_model_for",
+    "check_pretrained",
     "count_params",
     "ema_decay",
     "ema_init",

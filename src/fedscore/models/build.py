@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedscore.errors import FedscoreError
+from fedscore.models.pretrained import pretrained_model
 from fedscore.models.registry import build_model
 
 
@@ -27,20 +28,30 @@ class ModelSpec(Protocol):
     size: str
     conditional: bool
     options: dict[str, Any]
+    pretrained: str | None  # optional: a spec without it builds from scratch
 
 
 _GLOBAL_RNG = threading.Lock()  # fork_rng seeds the process-wide generator
 
 
 def build_model_for(
-    cfg: ModelSpec, sample_shape: tuple[int, ...], num_classes: int | None, seed: int = 0
+    cfg: ModelSpec, sample_shape: tuple[int, ...], num_classes: int | None, seed: int = 0,
+    *, pretrained_weights: bool = True,
 ) -> nn.Module:
     """The score network `cfg` names, sized for items of `sample_shape` ((d,) vectors or
     (C, H, W) images) and `num_classes` labels (ignored unless cfg.conditional), its initial
     weights drawn from `seed` in a forked RNG, so no global random state is touched (one
-    thread at a time: agents may be built side by side, `engine.in_threads`)."""
+    thread at a time: agents may be built side by side, `engine.in_threads`).
+
+    With `cfg.pretrained` (kind diffusers-unet) the initial weights are the local diffusers
+    folder's (models.pretrained): theta_0 of federated fine-tuning, masks and eq. 8
+    unchanged; pretrained_weights=False builds its architecture only (trained weights are
+    loaded next)."""
     with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if getattr(cfg, "pretrained", None) is not None:
+            return pretrained_model(cfg, tuple(sample_shape), num_classes,
+                                    weights=pretrained_weights)
         return _build(cfg, tuple(sample_shape), num_classes)
 
 
@@ -93,5 +104,7 @@ def load_trained(
     cfg: ModelSpec, path: str | Path, sample_shape: tuple[int, ...], num_classes: int | None,
     *, config: str = "its config",
 ) -> nn.Module:
-    """The network `cfg` names with the trained weights of `path`, in eval mode."""
-    return load_weights(build_model_for(cfg, sample_shape, num_classes), path, config=config)
+    """The network `cfg` names with the trained weights of `path`, in eval mode (a
+    pretrained U-Net's folder gives its architecture only: its weights are not read)."""
+    model = build_model_for(cfg, sample_shape, num_classes, pretrained_weights=False)
+    return load_weights(model, path, config=config)

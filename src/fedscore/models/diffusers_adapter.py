@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedscore.diffusion.grids import ddpm_betas
-from fedscore.errors import FedscoreError, unknown
+from fedscore.errors import FedscoreError, require, unknown
 
 FI_PAPER = {  # the FI paper's Appendix B, Table 2 (UNet2DConditionModel)
     "sample_size": 28,
@@ -170,7 +170,8 @@ class DiffusersScoreNet(nn.Module):
 def set_plain_attention(unet: nn.Module) -> int:
     """Give every diffusers attention module of `unet` the plain AttnProcessor; returns
     how many. (Module by module: UNet2DModel has no set_attn_processor.)"""
-    from diffusers.models.attention_processor import AttnProcessor
+    AttnProcessor = require("diffusers.models.attention_processor", "diffusers",
+                            "the diffusers adapter").AttnProcessor
 
     layers = [m for m in unet.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
     for m in layers:
@@ -227,7 +228,7 @@ def diffusers_unet(
     """A diffusers UNet2DModel (or, architecture="UNet2DConditionModel", the conditional
     one) built from `config` (its constructor's keyword arguments), wrapped. Adapter
     options (T, time_map, delta, label_encoding, attn_processor) may be mixed in."""
-    import diffusers
+    diffusers = require("diffusers", "diffusers", "model.kind diffusers-unet")
 
     options = _adapter_kwargs(config)
     if architecture not in ("UNet2DModel", "UNet2DConditionModel"):
@@ -245,7 +246,8 @@ def fi_paper_unet(num_classes: int | None = 10, **overrides) -> DiffusersScoreNe
     entries of FI_PAPER (e.g. sample_size, in_channels) or set adapter options. The paper
     mentions FreeU; its table gives no FreeU factors, so FreeU stays off (diffusers'
     default)."""
-    from diffusers import UNet2DConditionModel
+    diffusers = require("diffusers", "diffusers", "model.kind fi-paper")
+    UNet2DConditionModel = diffusers.UNet2DConditionModel
 
     options = _adapter_kwargs(overrides)
     config = {**FI_PAPER, **overrides}
