@@ -305,7 +305,9 @@ def agents_train(
 
 @agents_app.command("sample")
 def agents_sample(
-    run_dirs: Annotated[list[Path], typer.Argument(help="The agents' run folders.")],
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="The agents: run folders or diffusers folders (a DDPMPipeline folder, e.g. "
+             "from `fedscore export`, or a bare unet folder).")],
     out: Annotated[Path, typer.Option(help="Folder for samples.npz and samples.png.")] = Path(
         "runs/fi-samples"),
     aggregator: Annotated[str, typer.Option(
