@@ -463,14 +463,16 @@ def _pixels(d, part: _Part) -> Tensor:
     return x
 
 
-def _select(d, train: _Part, test: _Part | None, split: str) -> tuple[_Part, np.ndarray]:
-    """(the part a split reads from, the indices of the split within it)."""
+def _select(d, train: _Part, test: _Part | None, split: str, allow_empty: bool = False
+            ) -> tuple[_Part, np.ndarray]:
+    """(the part a split reads from, the indices of the split within it); an empty split is
+    an error unless allowed (`split="all"` of a folder too small for a test split)."""
     if test is not None:
         part = train if split == "train" else test
         return part, np.arange(len(part.listing.labels))
     idx = split_indices(train.listing.labels, split, seed=d.split_seed,
                         fraction=d.test_fraction)
-    if len(idx) == 0:
+    if len(idx) == 0 and not allow_empty:
         raise FedscoreError(
             f"the {split} split of {str(train.path)!r} is empty: with "
             f"data.test_fraction={d.test_fraction}, each class sends round(fraction x its "
@@ -479,10 +481,11 @@ def _select(d, train: _Part, test: _Part | None, split: str) -> tuple[_Part, np.
     return train, idx
 
 
-def _one(d, split: str) -> tuple[Tensor, Tensor, np.ndarray | None]:
+def _one(d, split: str, allow_empty: bool = False
+         ) -> tuple[Tensor, Tensor, np.ndarray | None]:
     """Images, labels and silos (or None) of "train" or "test"; train with mirror images."""
     train, test = _parts(d)
-    part, idx = _select(d, train, test, split)
+    part, idx = _select(d, train, test, split, allow_empty)
     x = _pixels(d, part)[torch.as_tensor(idx)]
     y = torch.from_numpy(part.listing.labels[idx])
     g = part.listing.groups[idx] if part.listing.groups is not None else None
@@ -496,7 +499,7 @@ def _one(d, split: str) -> tuple[Tensor, Tensor, np.ndarray | None]:
 def load(d, split: str) -> tuple[Tensor, Tensor]:
     """Own data's split: images (N, C, H, W) float32 in [-1, 1], labels (N,) int64."""
     if split == "all":
-        (x0, y0, _), (x1, y1, _) = _one(d, "train"), _one(d, "test")
+        (x0, y0, _), (x1, y1, _) = _one(d, "train", True), _one(d, "test", True)
         return torch.cat([x0, x1]), torch.cat([y0, y1])
     x, y, _ = _one(d, split)
     return x, y
@@ -505,7 +508,7 @@ def load(d, split: str) -> tuple[Tensor, Tensor]:
 def groups(d, split: str) -> np.ndarray | None:
     """The silo id of each item of `load(d, split)`, or None when the data give none."""
     if split == "all":
-        g0, g1 = _one(d, "train")[2], _one(d, "test")[2]
+        g0, g1 = _one(d, "train", True)[2], _one(d, "test", True)[2]
         return None if g0 is None or g1 is None else np.concatenate([g0, g1])
     return _one(d, split)[2]
 
