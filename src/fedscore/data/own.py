@@ -21,7 +21,9 @@ block means when the size divides the square, else antialiased bilinear), `chann
 training split gains every image's mirror image: flip augmentation, stored, so every
 party and every round sees the same data), and the held-out rule: `test_path` (same format)
 else a stratified `test_fraction` drawn by `split_seed` (sources.split_indices, the bundled
-datasets' rule with its seed and fraction as parameters). `split="all"` is train then test.
+datasets' rule with its seed and fraction as parameters; per class, and with silos per
+(silo, class), so every silo keeps its share of each of its classes). `split="all"` is
+train then test.
 
 Output like every loader: float32 (N, C, H, W) in [-1, 1] and int64 labels (N,). The decoded
 arrays are cached in-process (the engine, its held-out batch and the evaluation read the
@@ -463,6 +465,14 @@ def _pixels(d, part: _Part) -> Tensor:
     return x
 
 
+def _strata(listing: Listing) -> np.ndarray:
+    """What the held-out split stratifies by: the class, and with silos the (silo, class)
+    pair, so that every silo keeps its own share of every class for training."""
+    if listing.groups is None:
+        return listing.labels
+    return listing.groups * (int(listing.labels.max()) + 1) + listing.labels
+
+
 def _select(d, train: _Part, test: _Part | None, split: str, allow_empty: bool = False
             ) -> tuple[_Part, np.ndarray]:
     """(the part a split reads from, the indices of the split within it); an empty split is
@@ -470,7 +480,7 @@ def _select(d, train: _Part, test: _Part | None, split: str, allow_empty: bool =
     if test is not None:
         part = train if split == "train" else test
         return part, np.arange(len(part.listing.labels))
-    idx = split_indices(train.listing.labels, split, seed=d.split_seed,
+    idx = split_indices(_strata(train.listing), split, seed=d.split_seed,
                         fraction=d.test_fraction)
     if len(idx) == 0 and not allow_empty:
         raise FedscoreError(
@@ -522,7 +532,7 @@ def info(d) -> DatasetInfo:
     for split in ("train", "test"):
         part = train if test is None or split == "train" else test
         n = (len(part.listing.labels) if test is not None else
-             len(split_indices(train.listing.labels, split, seed=d.split_seed,
+             len(split_indices(_strata(train.listing), split, seed=d.split_seed,
                                fraction=d.test_fraction)))
         sizes[split] = n * (2 if split == "train" and d.hflip else 1)
     if d.image_size is not None and d.channels is not None:

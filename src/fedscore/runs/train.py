@@ -84,21 +84,25 @@ def train_central(
     returns the trained model. The run folder's config.yaml records the resolved values."""
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)
-    folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
-    with folder.guard():  # finished on return, failed (with the reason) on any error
-        return _train(cfg, folder, resume=resume, progress=progress, indices=indices,
-                      runtime=runtime)
-
-
-def _train(cfg: RunConfig, folder: RunFolder, *, resume: bool, progress: bool, indices,
-           runtime: Runtime) -> TrainResult:
-    folder.write_json("runtime.json", runtime.describe())
+    # the data are read and checked before the run folder is made: bad data write nothing
     images, labels = datasets.load(cfg.data, split="train")
     # sized by the config first (model.num_classes wins), else the whole dataset, so agents
     # trained on parts of it share one label space
     shape, num_classes = datasets.shape_and_classes(cfg)
     if cfg.model.conditional:
         datasets.check_labels(labels, num_classes, "the training data")
+    folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
+    with folder.guard():  # finished on return, failed (with the reason) on any error
+        return _train(cfg, folder, (images, labels), (shape, num_classes), resume=resume,
+                      progress=progress, indices=indices, runtime=runtime)
+
+
+def _train(cfg: RunConfig, folder: RunFolder, train_data: tuple[Tensor, Tensor],
+           sizes: tuple[tuple[int, ...], int], *, resume: bool, progress: bool, indices,
+           runtime: Runtime) -> TrainResult:
+    folder.write_json("runtime.json", runtime.describe())
+    images, labels = train_data
+    shape, num_classes = sizes
     if indices is not None:
         idx = torch.as_tensor(indices, dtype=torch.long)
         images, labels = images[idx], labels[idx]
