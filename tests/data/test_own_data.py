@@ -239,15 +239,16 @@ def test_arrays_in_every_layout_and_dtype_read_alike(tmp_path, layout, dtype):
 
 def test_arrays_options_labels_and_groups(tmp_path):
     rng = np.random.default_rng(5)
-    x = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
-    path = npz(tmp_path, x=x, y=np.arange(12) % 3, group=np.array(["b", "a"] * 6))
+    x = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    path = npz(tmp_path, x=x, y=np.arange(24) % 3, group=np.array(["b", "a"] * 12))
     d = source(name="arrays", path=str(path), image_size=8, channels=1, test_fraction=0.25)
     xs, ys = data.load(d, "train")
-    assert xs.shape == (9, 1, 8, 8) and torch.bincount(ys).tolist() == [3, 3, 3]
+    # held out per (silo, class): 6 strata of 4 images, one of each to the test split
+    assert xs.shape == (18, 1, 8, 8) and torch.bincount(ys).tolist() == [6, 6, 6]
     g = data.groups(d, "train")
-    assert g.shape == (9,) and set(g.tolist()) == {0, 1}  # "a" -> 0, "b" -> 1
+    assert g.shape == (18,) and np.bincount(g).tolist() == [9, 9]  # "a" -> 0, "b" -> 1
     info = data.info(d)
-    assert info.shape == (1, 8, 8) and info.classes == 3 and info.n == {"train": 9, "test": 3}
+    assert info.shape == (1, 8, 8) and info.classes == 3 and info.n == {"train": 18, "test": 6}
     unlabelled = npz(tmp_path, "u.npz", x=x)
     assert data.info(source(name="arrays", path=str(unlabelled))).classes == 1
 
