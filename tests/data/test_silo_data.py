@@ -128,3 +128,13 @@ def test_num_classes_wins_for_central_training_too(tmp_path):
     with pytest.raises(FedscoreError, match="num_classes to at least 2"):
         train_central(small, progress=False)
     assert not (tmp_path / "runs" / "small").exists()  # refused before anything is written
+
+
+def test_data_root_still_reads_the_runs_builtin_dataset_on_a_node():
+    cfg = load_config(data={"name": "gmm:ring8"}, model={"options": {"hidden": 8, "depth": 1}},
+                      diffusion={"steps": 5},
+                      federation={"workers": 2, "batch_size": 4, "local_steps": 1})
+    f = prepared(dump_config(cfg), {"partition-id": 0, "num-partitions": 2,
+                                    "data-root": "/nowhere"})  # unused by gmm draws
+    assert f.images.shape == (4000, 2)
+    assert all(len(p) == 4000 for p in f.parts)  # all of it, no partition
