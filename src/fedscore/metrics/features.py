@@ -315,8 +315,7 @@ def _own_recipe(info) -> dict[str, Any]:
         raise FedscoreError(
             f"{info.description} has no labels (one class): the domain-feature metrics "
             "(FID, IS, class accuracy) come from a classifier trained on the data's classes. "
-            "Give the data classes (one subfolder per class, or `y` in the .npz), or "
-            "evaluate with the Inception network (--inception-weights)")
+            "Give the data classes (one subfolder per class, or `y` in the .npz)")
     if min(h, w) < 4:
         raise FedscoreError(f"{info.description}: the feature classifier needs images of at "
                             f"least 4x4 pixels, these are {h}x{w}")
