@@ -50,6 +50,41 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+OWN_DATA = ("folder", "arrays")
+"""`data.name` of the user's own images: an image folder or an .npz file at `data.path`."""
+
+_OWN_OPTIONS = {"image_size": None, "channels": None, "hflip": False, "classes": None,
+                "test_fraction": 0.2, "split_seed": 12345}
+"""The DataConfig options that only own data read, with their defaults."""
+
+
+def data_problem(d) -> str | None:
+    """What is wrong with a data config's combination of fields (None: nothing): `path` or
+    own-data options with a built-in dataset, a variant on own data. Duck-typed (anything
+    with DataConfig's fields), so `fedscore.data` checks the same rule on what it is given.
+    Own data without `path` are allowed here: a Flower server's config names own data that
+    only the SuperNodes hold (`data-path` in their node config)."""
+    name = d.name
+    family, _, variant = name.partition(":")
+    if family in OWN_DATA:
+        if variant:
+            return (f"data.name {name!r}: own data take no variant; choose their resolution "
+                    f"with data.image_size (e.g. data.image_size: 32)")
+        return None
+    for key in ("path", "test_path"):
+        if getattr(d, key, None) is not None:
+            return (f"data.{key} is for your own data (data.name: folder or arrays); "
+                    f"{name!r} is a built-in dataset: drop data.{key}, or set data.name to "
+                    f"'folder' (an image folder) or 'arrays' (an .npz file)")
+    for key, default in _OWN_OPTIONS.items():
+        if getattr(d, key, default) != default:
+            return (f"data.{key} applies to your own data (data.name: folder or arrays) only; "
+                    f"{name!r} is a built-in dataset with a fixed split and size: drop "
+                    f"data.{key} (a built-in image dataset's resolution is chosen by its name, "
+                    f"e.g. 'mnist5k:14x14')")
+    return None
+
+
 class DataConfig(Strict):
     name: str = "gmm:ring8"
     """A dataset of `fedscore.data` ("mnist5k", "digits", "mnist", ..., "gmm:<preset>"), or
@@ -76,6 +111,13 @@ class DataConfig(Strict):
     """Own folder data: the class folder names in label order (what silos that lack a class
     need so that every silo numbers the classes alike); None: integer folder names are
     their labels, other names are numbered in sorted order."""
+
+    @model_validator(mode="after")
+    def _check_combination(self):
+        problem = data_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ModelConfig(Strict):
@@ -253,6 +295,10 @@ def describe(err: ValidationError, source: str) -> str:
                          "choose the parent folder with --out")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key (check its spelling)")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a section's own check (its fields together): its message says it all, the
+            # whole section repeated after it would not help
+            lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

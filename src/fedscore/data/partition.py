@@ -13,7 +13,8 @@ arrays, one per worker. Schemes are plain functions in SCHEMES:
   class c (10% of every digit for 10 workers);
 - "dominant": FI §4.1 HETEROGENEOUS — every worker holds m samples, exactly m/2 of class
   j mod K and the rest evenly (to within 1) over the other K - 1 classes (see `_dominant`);
-- "all": FI §4.1 CONTROL — one worker holds everything.
+- "all": FI §4.1 CONTROL — one worker holds everything;
+- "natural" (groups=...): the silos the data give, one per worker (`data.groups`).
 
 Why not flwr-datasets' partitioners: they partition Hugging Face `datasets.Dataset` objects
 (pulling in `datasets`/pyarrow, absent here), they have no exact homogeneous or
@@ -204,6 +205,28 @@ def _all(labels: np.ndarray, n_workers: int, rng: np.random.Generator) -> list[n
     return [np.arange(len(labels))]
 
 
+def _natural(labels: np.ndarray, n_workers: int, rng: np.random.Generator, *,
+             groups=None) -> list[np.ndarray]:
+    """The silos the data give (issue 18, the real-silo case): worker j holds every sample
+    of the j-th silo, silos in sorted order of their id (`fedscore.data.groups`: a folder
+    level or an .npz `group` array). Nothing is drawn."""
+    if groups is None:
+        raise FedscoreError(
+            "partition scheme 'natural' takes the silos from the data, and these data give "
+            "none: use an image folder DIR/<silo>/<class>/<image> (or DIR/<silo>/<image>) or "
+            "an .npz with a `group` array (one silo per image), or another scheme")
+    g = np.asarray(groups)
+    if g.shape != labels.shape:
+        raise FedscoreError(f"natural: groups has shape {g.shape}, labels {labels.shape}; "
+                            "one silo per sample")
+    silos = np.unique(g)
+    if len(silos) != n_workers:
+        raise FedscoreError(
+            f"partition scheme 'natural': the data give {len(silos)} silos but the run has "
+            f"{n_workers} workers; set federation.workers: {len(silos)}")
+    return [np.flatnonzero(g == s) for s in silos]
+
+
 SCHEMES: dict[str, Scheme] = {
     "iid": _iid,
     "dirichlet": _dirichlet,
@@ -211,6 +234,7 @@ SCHEMES: dict[str, Scheme] = {
     "homogeneous": _homogeneous,
     "dominant": _dominant,
     "all": _all,
+    "natural": _natural,
 }
 """Plug-in point: name -> scheme(labels, n_workers, rng, **options) -> list of index arrays."""
 
@@ -234,8 +258,9 @@ def partition(
 
     labels: (n,) integer class labels (numpy or torch). scheme: a key of SCHEMES; options
     are the scheme's keyword arguments (dirichlet: alpha, min_size; shards:
-    classes_per_worker). n_workers defaults to 10, and to 1 for "all", which takes no other
-    value (one worker holds everything: asking for more is an error, not a silent change).
+    classes_per_worker; natural: groups, the (n,) silo of each sample). n_workers defaults
+    to 10, and to 1 for "all", which takes no other value (one worker holds everything:
+    asking for more is an error, not a silent change).
     The same (labels, scheme, n_workers, seed, options) always gives the same partition.
     """
     if scheme not in SCHEMES:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fedscore import toy
 from fedscore.cache import cache_root
+from fedscore.config import OWN_DATA, data_problem
 from fedscore.errors import FedscoreError, unknown
 
 SPLITS = ("train", "test", "all")
@@ -67,15 +68,19 @@ class DatasetInfo:
 # ---------------------------------------------------------------- bundled: digits, mnist5k
 
 
-def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
-    """Sorted indices of `split` under the fixed stratified 80/20 rule of this module."""
+def split_indices(labels: np.ndarray, split: str, *, seed: int = SPLIT_SEED,
+                  fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Sorted indices of `split` under this module's stratified rule: per class, a shuffle
+    seeded by `seed` sends round(fraction n_c) items to "test", the rest to "train". The
+    defaults are the bundled datasets' fixed 80/20 split; own data pass `data.split_seed`
+    and `data.test_fraction`."""
     if split == "all":
         return np.arange(len(labels))
-    rng = np.random.default_rng(SPLIT_SEED)
+    rng = np.random.default_rng(seed)
     is_test = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        is_test[idx[: int(round(TEST_FRACTION * len(idx)))]] = True
+        is_test[idx[: int(round(fraction * len(idx)))]] = True
     return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
@@ -338,7 +343,8 @@ _NO_VARIANT = {"digits", "mnist5k", *LOCAL}
 def _resolve(name: str) -> tuple[Loader, str | None]:
     family, _, variant = name.partition(":")
     if family not in DATASETS:
-        names = [n for n in DATASETS if n != "gmm"] + ["gmm:<preset>", "<image dataset>:HxW"]
+        names = [n for n in DATASETS if n != "gmm"] + ["gmm:<preset>", "<image dataset>:HxW",
+                                                        *OWN_DATA]
         raise unknown("dataset", name, names)
     if variant and family in _NO_VARIANT:
         _resolution(name)  # images: the only variant is a resolution
@@ -373,8 +379,34 @@ def _downsample(x: Tensor, size: tuple[int, int], name: str) -> Tensor:
     return torch.nn.functional.avg_pool2d(x, (h0 // h, w0 // w)).contiguous()
 
 
+Source = str | object
+"""What `load`, `info` and `groups` read: a dataset name ("mnist5k", "gmm:ring8", ...) or a
+DataConfig (duck-typed: anything with `.name` and the DataConfig fields), which may also name
+the user's own data ("folder", "arrays"; `fedscore.data.own`)."""
+
+
+def _own(source) -> bool:
+    return not isinstance(source, str) and source.name in OWN_DATA
+
+
+def _builtin(source, data_root, download) -> tuple[str, str | Path | None, bool]:
+    """(name, data_root, download) of a built-in dataset named by a name or a DataConfig
+    (whose own-data options must then be unset: one clear error each)."""
+    if isinstance(source, str):
+        if source in OWN_DATA:
+            raise FedscoreError(
+                f"dataset {source!r} is your own data: pass the run's data config (with "
+                f"data.path), not the bare name")
+        return source, data_root, download
+    problem = data_problem(source)
+    if problem:
+        raise FedscoreError(problem)
+    return (source.name, source.data_root if data_root is None else data_root,
+            download or source.download)
+
+
 def load(
-    name: str,
+    source: Source,
     split: str = "train",
     *,
     data_root: str | Path | None = None,
@@ -384,23 +416,37 @@ def load(
     """Images (N, C, H, W) float32 in [-1, 1] — or vectors (N, d) for "gmm:<preset>" — and
     labels (N,) int64 (the class, or the mixture component for Gaussian mixtures).
 
-    split: "train", "test" or "all" (train then test). data_root: the folder of a local
-    dataset in torchvision's layout; download=True lets torchvision fetch it there. seed only
-    selects which draws a Gaussian mixture gives; image splits are fixed (module docstring).
+    source: a dataset name, or a DataConfig: its built-in dataset read with its data_root
+    and download, or the user's own folder / .npz (`fedscore.data.own`; decoded once per
+    process). split: "train", "test" or "all" (train then test). data_root: the folder of a
+    local dataset in torchvision's layout; download=True lets torchvision fetch it there.
+    seed only selects which draws a Gaussian mixture gives; image splits are fixed (module
+    docstring; own data: data.test_fraction and data.split_seed).
     """
     if split not in SPLITS:
         raise unknown("split", split, SPLITS)
+    if _own(source):
+        from fedscore.data import own  # own builds on this module (split rule, info record)
+
+        return own.load(source, split)
+    name, data_root, download = _builtin(source, data_root, download)
     loader, variant = _resolve(name)
     x, y = loader(split, variant=variant, data_root=data_root, download=download, seed=seed)
     size = _resolution(name)
     return (x, y) if size is None else (_downsample(x, size, name), y)
 
 
-def info(name: str) -> DatasetInfo:
+def info(source: Source) -> DatasetInfo:
     """Item shape, number of classes, items per split and a one-line description.
 
-    Local datasets are described without reading their files; the others are loaded
-    (bundled arrays are cached in-process)."""
+    Local datasets are described without reading their files; own data without decoding
+    their images when data.image_size and data.channels are set; the others are loaded
+    (bundled arrays and own data are cached in-process)."""
+    if _own(source):
+        from fedscore.data import own
+
+        return own.info(source)
+    name, _, _ = _builtin(source, None, False)
     loader, variant = _resolve(name)
     description = (loader.__doc__ or name).strip().splitlines()[0]
     if family(name) in LOCAL:
@@ -420,6 +466,20 @@ def info(name: str) -> DatasetInfo:
     )
 
 
+def groups(source: Source, split: str = "train") -> np.ndarray | None:
+    """The silo of every item of `load(source, split)` (int64 ids 0..K-1, silos sorted by
+    folder name or `group` value), what partition scheme "natural" splits by; None when the
+    data give no silos (every built-in dataset)."""
+    if split not in SPLITS:
+        raise unknown("split", split, SPLITS)
+    if not _own(source):
+        _builtin(source, None, False)  # the same checks as load
+        return None
+    from fedscore.data import own
+
+    return own.groups(source, split)
+
+
 def shape_and_classes(cfg) -> tuple[tuple[int, ...], int]:
     """(item shape, number of classes) of the model a run config names: what a Flower
     server, which holds no data, sizes the model by. The config wins over the data:
@@ -430,7 +490,22 @@ def shape_and_classes(cfg) -> tuple[tuple[int, ...], int]:
         shape: tuple[int, ...] = (d.channels, d.image_size, d.image_size)
         classes = cfg.model.num_classes
         if classes is None:
-            classes = info(d.name).classes if d.path else 1
+            classes = info(d).classes if d.path else 1
         return shape, classes
-    ds = info(d.name)
+    ds = info(d)
     return tuple(ds.shape), cfg.model.num_classes or ds.classes
+
+
+def check_labels(labels: Tensor | np.ndarray, classes: int, where: str) -> None:
+    """A class-conditional model knows labels 0..classes-1 (its label table): any other
+    label in the data is one FedscoreError naming where and how to fix it, instead of an
+    index error deep inside the network."""
+    y = torch.as_tensor(labels)
+    if len(y) == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise FedscoreError(
+            f"{where} hold labels {lo}..{hi}, but the model knows {classes} classes "
+            f"(0..{classes - 1}): set model.num_classes to at least {hi + 1}, or remove the "
+            "extra classes from the data")

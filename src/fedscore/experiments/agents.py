@@ -90,11 +90,13 @@ def train_agents(
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)
     out = Path(out_dir) if out_dir is not None else cfg.run_dir()
-    _, labels = datasets.load(cfg.data.name, split="train", data_root=cfg.data.data_root,
-                              download=cfg.data.download)
+    _, labels = datasets.load(cfg.data, split="train")
     n_workers = 1 if regime == "control" else n_agents
     parts = datasets.partition(labels, REGIMES[regime], n_workers=n_workers, seed=cfg.seed)
-    counts = datasets.class_histogram(labels, parts, n_classes=int(labels.max()) + 1)
+    # counts over the model's label space (model.num_classes wins over the data's)
+    classes = datasets.shape_and_classes(cfg)[1]
+    datasets.check_labels(labels, classes, "the training data")
+    counts = datasets.class_histogram(labels, parts, n_classes=classes)
     folders, summary, todo = [], [], []
     for j, idx in enumerate(parts):
         agent = cfg.model_copy(update={"name": f"agent-{j:02d}", "out_dir": str(out),
@@ -278,9 +280,10 @@ def sample_with(agents, out: str | Path, *, aggregator: str, per_label: int, ste
     return {"samples": npz, "figure": Path(figure)}
 
 
-def diagnostics_inputs(dataset: str, n: int, shape, classes: int, seed: int,
+def diagnostics_inputs(dataset, n: int, shape, classes: int, seed: int,
                        data_root: str | None = None) -> dict:
-    """Per label: n pure-noise inputs and n real test images of that label (FI §4.3)."""
+    """Per label: n pure-noise inputs and n real test images of that label (FI §4.3).
+    dataset: a dataset name or the agents' DataConfig (`data.load`)."""
     images, labels = datasets.load(dataset, split="test", data_root=data_root)
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -304,11 +307,10 @@ def diagnose_agents(
     runtime = agents_runtime(run_dirs, device, precision)
     agents = load_agents(run_dirs, device=runtime.device)
     cfg = agents.config
-    info = datasets.info(cfg.data.name)
-    if len(info.shape) != 3:
+    shape, classes = datasets.shape_and_classes(cfg)
+    if len(shape) != 3:
         raise FedscoreError(f"score diagnostics need an image dataset, got {cfg.data.name!r}")
-    inputs = diagnostics_inputs(cfg.data.name, n_inputs, tuple(info.shape), info.classes, seed,
-                                cfg.data.data_root)
+    inputs = diagnostics_inputs(cfg.data, n_inputs, shape, classes, seed)
     T = float(diffusion.time_grid(**cfg.diffusion.grid_kwargs())[0])  # also ddpm-linear's
     records = score_diagnostics(
         on_device(agents, runtime), inputs, T=T, aggregator=aggregator,

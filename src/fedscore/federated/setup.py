@@ -1,8 +1,9 @@
 """What every party of a federated run derives from the run config alone (SPEC §2).
 
-`model_setup(cfg)` needs no data: the model (shapes from `data.info`, weights from the run
-seed), the keep ratios, the time grid, the per-(round, worker) masks. It is all a server
-needs: the Flower ServerApp regenerates random masks from it and never loads a dataset.
+`model_setup(cfg)` needs no data: the model (sized by `data.shape_and_classes`: the config
+first, `model.num_classes` winning over the data; weights from the run seed), the keep
+ratios, the time grid, the per-(round, worker) masks. It is all a server needs: the Flower
+ServerApp regenerates random masks from it and never loads a dataset.
 
 `prepare(cfg)` adds the data side: the training split, the worker partition, the loss and
 S; the in-process engine holds all of it, a SuperNode prepares it once for its own worker
@@ -92,6 +93,18 @@ def partition_kwargs(fed: FederationConfig) -> dict:
     if fed.partition.scheme == "shards":
         return {"classes_per_worker": fed.partition.classes_per_worker}
     return {}
+
+
+def worker_parts(cfg: RunConfig, labels) -> list:
+    """The workers' index arrays of the training split: `data.partition` with the config's
+    scheme, and for scheme "natural" the silos the data give (`data.groups`). The one call
+    that training and the evaluation's per-silo statistics make, so both see the same silos."""
+    fed = _federation(cfg)
+    kw = partition_kwargs(fed)
+    if fed.partition.scheme == "natural":
+        kw["groups"] = datasets.groups(cfg.data, "train")
+    return datasets.partition(labels, fed.partition.scheme, n_workers=fed.workers,
+                              seed=cfg.seed, **kw)
 
 
 def make_loss(model: nn.Module, cfg: RunConfig, total_time: float,
@@ -202,12 +215,13 @@ def _federation(cfg: RunConfig) -> FederationConfig:
 
 
 def model_setup(cfg: RunConfig, runtime: Runtime = CPU_FP32) -> ModelSetup:
-    """The model a federated config names (shapes from `data.info`, no data loaded), theta_0
-    from the run seed (drawn on the CPU, then moved to `runtime.device`, so every device
-    starts from the same weights), the keep ratios and the training grid."""
+    """The model a federated config names (`data.shape_and_classes`: the config's sizes
+    first, so a server without data and a silo lacking a class build the same shapes),
+    theta_0 from the run seed (drawn on the CPU, then moved to `runtime.device`, so every
+    device starts from the same weights), the keep ratios and the training grid."""
     fed = _federation(cfg)
-    info = datasets.info(cfg.data.name)
-    model = build_model_for(cfg.model, tuple(info.shape), info.classes, seed=cfg.seed)
+    shape, classes = datasets.shape_and_classes(cfg)
+    model = build_model_for(cfg.model, shape, classes, seed=cfg.seed)
     model.to(runtime.device)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     return ModelSetup(cfg=cfg, model=model, init_params=params, ratios=keep_ratios(fed),
@@ -222,24 +236,26 @@ def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
     own_data: (images, labels) a worker holds itself (a hospital's SuperNode pointed at its
     own folder): it replaces the dataset and the partition; every worker slot is all of it.
     runtime: where the workers train and in what precision (chosen once by the caller).
+    A class-conditional model's labels must lie below its number of classes (one clear
+    error otherwise, naming model.num_classes).
     """
     fed = _federation(cfg)
     base = model_setup(cfg, runtime)
     if own_data is None:
-        images, labels = datasets.load(cfg.data.name, split="train",
-                                       data_root=cfg.data.data_root, download=cfg.data.download)
-        parts_np = datasets.partition(labels.numpy(), fed.partition.scheme,
-                                      n_workers=fed.workers, seed=cfg.seed,
-                                      **partition_kwargs(fed))
-        parts = [torch.as_tensor(p, dtype=torch.long) for p in parts_np]
+        images, labels = datasets.load(cfg.data, split="train")
+        parts = [torch.as_tensor(p, dtype=torch.long)
+                 for p in worker_parts(cfg, labels.numpy())]
     else:
         images, labels = own_data
         parts = [torch.arange(len(images))] * fed.workers
+    if cfg.model.conditional:
+        where = "this worker's own data" if own_data is not None else "the training data"
+        datasets.check_labels(labels, datasets.shape_and_classes(cfg)[1], where)
     total_time = float(base.times[0] - base.times[-1])
     device = runtime.device  # the data live where the workers train, once
     sizes = [len(p) for p in parts]
     # the held-out batch is drawn where the dataset is (not on a worker holding its own data)
-    test_size = None if own_data is not None else datasets.info(cfg.data.name).n["test"]
+    test_size = None if own_data is not None else datasets.info(cfg.data).n["test"]
     notes = size_notes(cfg, sizes, test_size)
     for note in notes:
         log.warning(note)

@@ -14,8 +14,12 @@ deployment SuperNode (flwr 1.42) starts a fresh `flwr-clientapp` process per mes
 what is left per round is the process start itself (Python, torch), measured in
 benchmarks/flower_overhead.py.
 
-A hospital's SuperNode can instead train on its own folder: node config `data-root=/its/data`
-loads the run's dataset from there and uses all of it, no partitioning.
+A hospital's SuperNode can instead train on its own data, read only on that node, with no
+partitioning: node config `data-path=/its/images` (an image folder or an .npz file, format by
+what it is; `fedscore.data.own`) is read with the run config's data options and made to the
+model's shape (`silo_source`), and its training split is this worker's data; or
+`data-root=/its/data` reads the run's built-in dataset from there (its training split).
+The server never reads either: it sizes the model from the config alone.
 
 Device: each SuperNode trains where its own node config says (`device='cuda:1'`), else where
 the run config's `device` says ("auto": CUDA when the node has it, else its CPU), in the run
@@ -34,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -41,7 +46,7 @@ from flwr.clientapp import ClientApp
 
 from fedscore import data as datasets
 from fedscore import runtime as runtimes
-from fedscore.config import RunConfig, config_from_text
+from fedscore.config import OWN_DATA, RunConfig, config_from_text
 from fedscore.errors import FedscoreError
 from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
@@ -67,11 +72,61 @@ def node_identity(node_config: dict, workers: int) -> int:
     return pid
 
 
-def _own_data(cfg, node_config: dict):
-    root = node_config.get("data-root")
+def silo_source(cfg: RunConfig, path: str):
+    """The DataConfig of a SuperNode's own `data-path`: a folder (name folder) or an .npz
+    file (name arrays), read with the run config's options (channels, image_size, classes,
+    hflip, held-out fraction and seed) and made to the model's shape
+    (`data.shape_and_classes(cfg)`: the config's, not this silo's). The shape must be a
+    square image's (C, S, S); anything else cannot be made from images."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FedscoreError(f"this SuperNode's data-path {str(p)!r} does not exist")
+    d = cfg.data
+    if d.name in OWN_DATA and d.path is None and (d.image_size is None or d.channels is None):
+        raise FedscoreError(
+            "a run over the silos' own images sizes its model from the run config: set "
+            "data.image_size and data.channels (and model.num_classes for a class-conditional "
+            "model), which the server and every SuperNode share")
+    shape, _ = datasets.shape_and_classes(cfg)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise FedscoreError(
+            f"this SuperNode's data-path holds images, but the run's model takes items of "
+            f"shape {tuple(shape)}; run it with image data (data.name: folder, "
+            f"data.image_size and data.channels set)")
+    return cfg.data.model_copy(update={
+        "name": "folder" if p.is_dir() else "arrays", "path": str(p), "test_path": None,
+        "data_root": None, "download": False, "channels": shape[0], "image_size": shape[1],
+    })
+
+
+def _own_data(cfg: RunConfig, node_config: dict):
+    """(images, labels) this SuperNode holds itself, or None (the run's dataset, partitioned):
+    `data-path` (a folder or .npz of the user's own images, the training split of it) or
+    `data-root` (the run's built-in dataset read from a local folder)."""
+    path, root = node_config.get("data-path"), node_config.get("data-root")
+    if path:
+        source = silo_source(cfg, str(path))
+        if cfg.model.conditional and source.name == "folder" and cfg.data.classes is None:
+            _check_numbered(source)
+        return datasets.load(source, split="train")
     if not root:
         return None
-    return datasets.load(cfg.data.name, split="train", data_root=str(root))
+    return datasets.load(cfg.data.model_copy(update={"data_root": str(root)}), split="train")
+
+
+def _check_numbered(source) -> None:
+    """A conditional silo's class folders must number their classes as every other silo:
+    integer names, or data.classes in the run config. Sorted names would number a silo
+    that lacks a class differently from the others, silently."""
+    from fedscore.data import own
+
+    names = sorted(own.list_folder(Path(source.path), None)[1])
+    if names and not all(n.isdigit() for n in names):
+        raise FedscoreError(
+            f"this SuperNode's folder {source.path!r} names its classes {names}; a class-"
+            "conditional run over silos must number the classes alike on every silo: set "
+            "data.classes in the run config to all class names in label order (or name the "
+            "folders 0, 1, ...)")
 
 
 def node_runtime(cfg: RunConfig, node_config: dict) -> runtimes.Runtime:

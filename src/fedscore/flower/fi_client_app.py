@@ -184,7 +184,7 @@ def route(msg: Message, context: Context) -> Message:
         raise FedscoreError(f"the server sent rows outside 0..{len(y) - 1} or repeated")
     agents, runtime = loaded(folder, device, precision)
     own = on_device(agents, runtime)
-    shape = tuple(datasets.info(agents.config.data.name).shape)  # this silo's own data's
+    shape = datasets.shape_and_classes(agents.config)[0]  # the agents' config sizes them
 
     def on_own_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s = torch.zeros_like(x)

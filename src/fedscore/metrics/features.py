@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from fedscore import data
 from fedscore.cache import cache_root  # noqa: F401  (public here since the evaluation issue)
+from fedscore.config import OWN_DATA
 from fedscore.errors import FedscoreError
 from fedscore.io import atomic_write, atomic_write_json
 from fedscore.metrics.stats import FeatureStats
@@ -305,8 +306,24 @@ def _check_recipe(rec: dict[str, Any]) -> None:
         )
 
 
+def _own_recipe(info) -> dict[str, Any]:
+    """The recipe for own images: mnist5k's for grey, cifar10's for colour. The domain
+    metrics (FID on these features, IS, class accuracy) need a classifier of the data's
+    classes, so unlabelled data are refused."""
+    c, h, w = (tuple(info.shape) + (0, 0, 0))[:3]
+    if info.classes < 2:
+        raise FedscoreError(
+            f"{info.description} has no labels (one class): the domain-feature metrics "
+            "(FID, IS, class accuracy) come from a classifier trained on the data's classes. "
+            "Give the data classes (one subfolder per class, or `y` in the .npz)")
+    if min(h, w) < 4:
+        raise FedscoreError(f"{info.description}: the feature classifier needs images of at "
+                            f"least 4x4 pixels, these are {h}x{w}")
+    return dict(RECIPES["mnist5k" if c == 1 else "cifar10"])
+
+
 def get_extractor(
-    dataset: str,
+    dataset,
     *,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -318,20 +335,31 @@ def get_extractor(
 ) -> FeatureExtractor:
     """The feature extractor of an image dataset: loaded from the cache, or trained on the
     dataset's training split on first use (tqdm progress bar), evaluated on its test split
-    and cached. `recipe` overrides entries of RECIPES[dataset]; `floor` overrides
+    and cached. dataset: a dataset name or a run's DataConfig (which may name your own
+    images). `recipe` overrides entries of RECIPES[dataset]; `floor` overrides
     ACCURACY_FLOORS[dataset]; `data_root` is passed to `fedscore.data.load`. `device`:
     where the classifier trains (on first use) and runs (default the CPU), always in fp32;
-    its outputs come back to the CPU."""
+    its outputs come back to the CPU.
 
-    if dataset.startswith("gmm:"):
+    Own data (data.name folder / arrays) get a generic recipe, mnist5k's for grey images
+    and cifar10's for colour, keyed like every entry by the hash of their training data,
+    and a floor of 0 unless `floor` is given: what accuracy is achievable on them is
+    unknown, so the classifier's held-out accuracy is logged for the reader to judge."""
+
+    name = dataset if isinstance(dataset, str) else dataset.name
+    if name.startswith("gmm:"):
         raise FedscoreError(
-            f"feature extractors are for image datasets, not {dataset!r}: use the exact toy "
+            f"feature extractors are for image datasets, not {name!r}: use the exact toy "
             f"metrics (fedscore.metrics.toy) for Gaussian mixtures"
         )
     info = data.info(dataset)  # validates the name
-    base = RECIPES.get(data.family(dataset))  # "mnist5k:14x14" trains mnist5k's recipe
+    own = name in OWN_DATA
+    if own:
+        base = _own_recipe(info)
+    else:
+        base = RECIPES.get(data.family(name))  # "mnist5k:14x14" trains mnist5k's recipe
     if base is None:
-        raise FedscoreError(f"no feature-classifier recipe for dataset {dataset!r}")
+        raise FedscoreError(f"no feature-classifier recipe for dataset {name!r}")
     unknown_keys = set(recipe or {}) - set(base)
     if unknown_keys:
         raise FedscoreError(
@@ -339,16 +367,24 @@ def get_extractor(
         )
     rec = {**base, **(recipe or {})}
     _check_recipe(rec)
-    floor = ACCURACY_FLOORS[data.family(dataset)] if floor is None else float(floor)
+    if floor is not None:
+        floor = float(floor)
+    elif own:
+        floor = 0.0
+        log.info("%s: the feature classifier of your own data has no accuracy floor (what is "
+                 "achievable on them is unknown); judge FID/IS by its held-out accuracy, "
+                 "recorded in eval.json", info.description)
+    else:
+        floor = ACCURACY_FLOORS[data.family(name)]
 
     images, labels = data.load(dataset, split=TRAIN_SPLIT, data_root=data_root)
     data_hash = _sha256_tensors(images, labels)
     rec_hash = _recipe_hash(rec)
     folder = cache_root(cache_dir) / "features"
-    stem = f"{dataset}-{TRAIN_SPLIT}-{data_hash[:16]}-{rec_hash[:16]}"
+    stem = f"{name}-{TRAIN_SPLIT}-{data_hash[:16]}-{rec_hash[:16]}"
     weights, meta_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     expect = {
-        "dataset": dataset,
+        "dataset": name,
         "split": TRAIN_SPLIT,
         "data_hash": data_hash,
         "recipe_hash": rec_hash,
@@ -363,7 +399,7 @@ def get_extractor(
             log.warning("feature cache %s failed its check (%s); rebuilding", weights, problem)
             model = _build(info.shape, info.classes, rec).to(device)  # nothing half-loaded
         t0 = time.perf_counter()
-        desc = f"training {dataset} feature classifier"
+        desc = f"training {name} feature classifier"
         train_classifier(model, images, labels, rec, progress=progress, desc=desc)
         test_images, test_labels = data.load(dataset, split=TEST_SPLIT, data_root=data_root)
         acc = _accuracy(model, test_images, test_labels)
@@ -384,13 +420,13 @@ def get_extractor(
             "weights_sha256": _sha256_file(weights),
         }
         atomic_write_json(meta_path, meta)
-        msg = f"{dataset} feature classifier: held-out accuracy {acc:.4f} (floor {floor:.2f})"
+        msg = f"{name} feature classifier: held-out accuracy {acc:.4f} (floor {floor:.2f})"
         log.info(msg)
         if progress:
             tqdm.write(msg)
     return FeatureExtractor(
         model,
-        dataset=dataset,
+        dataset=name,
         input_shape=info.shape,
         test_accuracy=acc,
         floor=floor,

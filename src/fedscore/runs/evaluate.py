@@ -36,7 +36,7 @@ from fedscore import data as datasets
 from fedscore import diffusion, toy
 from fedscore.config import FederationConfig, RunConfig, load_config
 from fedscore.errors import FedscoreError
-from fedscore.federated.setup import partition_kwargs
+from fedscore.federated.setup import worker_parts
 from fedscore.io import atomic_write, atomic_write_text
 from fedscore.metrics import (
     class_accuracy,
@@ -114,10 +114,10 @@ def sample_run(
         raise FedscoreError(f"n (number of samples) must be a positive integer, got {n!r}")
     model, cfg = load_model(Path(run_dir))
     runtime = for_run(cfg, device, precision)
-    info = datasets.info(cfg.data.name)
-    labels = torch.arange(n) % info.classes if cfg.model.conditional else None
+    shape, classes = datasets.shape_and_classes(cfg)
+    labels = torch.arange(n) % classes if cfg.model.conditional else None
     samples = sample_model(model.to(runtime.device), cfg, n, seed=seed, labels=labels,
-                           sample_shape=tuple(info.shape), progress=progress, runtime=runtime)
+                           sample_shape=shape, progress=progress, runtime=runtime)
     folder = Path(out) if out is not None else Path(run_dir)
     npz = write_samples(folder / SAMPLES, samples, labels, seed)
     figure = folder / FIGURE
@@ -125,7 +125,7 @@ def sample_run(
         exact = _mixture(cfg).sample(n, generator=torch.Generator().manual_seed(seed + 1))
         scatter_vs_truth(samples, exact, figure, title=f"{cfg.name}: {n} samples")
     else:
-        ncol = info.classes if labels is not None else 10
+        ncol = classes if labels is not None else 10
         shown = samples[: min(n, GRID_ROWS * ncol)]
         title = f"{cfg.name}: samples" + (" (one column per class)" if labels is not None else "")
         image_grid(shown, figure, nrow=ncol, title=title)
@@ -201,12 +201,9 @@ def load_samples(path: str | os.PathLike, sample_shape: tuple[int, ...]
 def silo_parts(cfg: RunConfig, labels: Tensor) -> list[np.ndarray] | None:
     """The run's worker partition of the training split (the silos), or None when the run
     is centralised. The same call as federated training makes, so the silos are the same."""
-    fed = cfg.federation
-    if not isinstance(fed, FederationConfig):
+    if not isinstance(cfg.federation, FederationConfig):
         return None
-
-    return datasets.partition(labels.numpy(), fed.partition.scheme, n_workers=fed.workers,
-                              seed=cfg.seed, **partition_kwargs(fed))
+    return worker_parts(cfg, labels.numpy())
 
 
 def merged_stats(stats_of, images: Tensor, parts: list[np.ndarray]) -> FeatureStats:
@@ -300,8 +297,7 @@ def evaluate_run(
     if samples is None and not path.is_file():
         sample_run(run_dir, n, seed=seed, progress=progress, device=str(runtime.device),
                    precision=runtime.precision)
-    info = datasets.info(cfg.data.name)
-    x, labels = load_samples(path, tuple(info.shape))
+    x, labels = load_samples(path, datasets.shape_and_classes(cfg)[0])
     result: dict[str, Any] = {"run": cfg.name, "dataset": cfg.data.name,
                               "samples": str(path), "n_samples": int(x.shape[0]), "seed": seed,
                               "conditional": cfg.model.conditional}
@@ -379,12 +375,10 @@ def image_metrics(cfg: RunConfig, x: Tensor, labels: Tensor | None, *, seed: int
     run on `device` in fp32, default the CPU); the numbers shared with every experiment
     table come from `evaluate_samples`."""
 
-    extractor = get_extractor(cfg.data.name, progress=progress, data_root=cfg.data.data_root,
-                              device=device)
+    extractor = get_extractor(cfg.data, progress=progress, device=device)
     extractor.check_floor()  # one clear error before any number is computed
     x = x.clamp(-1, 1)  # what an image file of the samples would hold
-    real, real_labels = datasets.load(cfg.data.name, split="train",
-                                      data_root=cfg.data.data_root)
+    real, real_labels = datasets.load(cfg.data, split="train")
     real_stats, how = real_statistics(extractor.stats, cfg, real, real_labels)
     fake_feats = extractor.features(x)
     real_feats = extractor.features(real)
@@ -422,8 +416,7 @@ def inception_metrics(inception, cfg: RunConfig, x: Tensor, *, seed: int = 0,
     statistics per silo and merged, as for the domain features)."""
 
     x = x.clamp(-1, 1)
-    real, real_labels = datasets.load(cfg.data.name, split="train",
-                                      data_root=cfg.data.data_root)
+    real, real_labels = datasets.load(cfg.data, split="train")
 
     def stats_of(images: Tensor) -> FeatureStats:
         return inception.stats(images, progress=progress)

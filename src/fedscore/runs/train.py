@@ -59,7 +59,7 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def held_out_batch(cfg: RunConfig, n: int) -> tuple[Tensor, Tensor]:
     """A fixed held-out batch (test split) on which every run reports eq. 9."""
-    images, labels = datasets.load(cfg.data.name, split="test", data_root=cfg.data.data_root)
+    images, labels = datasets.load(cfg.data, split="test")
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
     idx = torch.randperm(len(images), generator=g)[:n]
     return images[idx], labels[idx]
@@ -84,23 +84,29 @@ def train_central(
     returns the trained model. The run folder's config.yaml records the resolved values."""
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)
+    # the data are read and checked before the run folder is made: bad data write nothing
+    images, labels = datasets.load(cfg.data, split="train")
+    # sized by the config first (model.num_classes wins), else the whole dataset, so agents
+    # trained on parts of it share one label space
+    shape, num_classes = datasets.shape_and_classes(cfg)
+    if cfg.model.conditional:
+        datasets.check_labels(labels, num_classes, "the training data")
     folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
     with folder.guard():  # finished on return, failed (with the reason) on any error
-        return _train(cfg, folder, resume=resume, progress=progress, indices=indices,
-                      runtime=runtime)
+        return _train(cfg, folder, (images, labels), (shape, num_classes), resume=resume,
+                      progress=progress, indices=indices, runtime=runtime)
 
 
-def _train(cfg: RunConfig, folder: RunFolder, *, resume: bool, progress: bool, indices,
+def _train(cfg: RunConfig, folder: RunFolder, train_data: tuple[Tensor, Tensor],
+           sizes: tuple[tuple[int, ...], int], *, resume: bool, progress: bool, indices,
            runtime: Runtime) -> TrainResult:
     folder.write_json("runtime.json", runtime.describe())
-    images, labels = datasets.load(
-        cfg.data.name, split="train", data_root=cfg.data.data_root, download=cfg.data.download
-    )
-    num_classes = int(labels.max()) + 1  # of the whole dataset, so agents share label spaces
+    images, labels = train_data
+    shape, num_classes = sizes
     if indices is not None:
         idx = torch.as_tensor(indices, dtype=torch.long)
         images, labels = images[idx], labels[idx]
-    model = build_model_for(cfg.model, tuple(images.shape[1:]), num_classes, seed=cfg.seed)
+    model = build_model_for(cfg.model, shape, num_classes, seed=cfg.seed)
     model.to(runtime.device)
     opt = make_optimizer(cfg, model)
     times = diffusion.time_grid(**cfg.diffusion.grid_kwargs())
@@ -318,7 +324,8 @@ def _restore(cfg, folder, model, opt, g, ema):
 
 def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
     """The trained model of a run folder (EMA weights when kept), ready for sampling, and
-    the run's config. The model's size comes from `data.info` (no data is loaded)."""
+    the run's config. The model's size comes from `data.shape_and_classes` (the config
+    first; no data loaded when the config sizes it)."""
     run_dir = Path(run_dir)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
@@ -327,7 +334,7 @@ def load_model(run_dir: Path) -> tuple[nn.Module, RunConfig]:
             "with `fedscore train --config ...`"
         )
     cfg = load_config(run_dir / "config.yaml")
-    info = datasets.info(cfg.data.name)
-    model = load_trained(cfg.model, weights, tuple(info.shape), info.classes,
+    shape, classes = datasets.shape_and_classes(cfg)
+    model = load_trained(cfg.model, weights, shape, classes,
                          config=repr(str(run_dir / "config.yaml")))
     return model, cfg
