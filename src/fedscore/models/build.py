@@ -2,8 +2,8 @@
 weights (`model.safetensors`) loaded with one clear error for each way that can fail.
 
 Everything here takes the item shape and the number of classes explicitly (the caller
-reads them from `fedscore.data.info(name)`), so a Flower server, which holds no data,
-builds the same model as every worker.
+reads them from `fedscore.data.shape_and_classes(cfg)`: the config first, then the data),
+so a Flower server, which holds no data, builds the same model as every worker.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from fedscore.config import RunConfig, load_config
 from fedscore.errors import DivergenceError, FedscoreError
 from fedscore.federated.setup import size_notes
 from fedscore.io import atomic_write
-from fedscore.models import ema_update
+from fedscore.models import check_pretrained, ema_update
 from fedscore.models.build import build_model_for, load_trained, save_weights
 from fedscore.runs import checkpoint as ckpt
 from fedscore.runs.folder import RunFolder
@@ -91,6 +91,7 @@ def train_central(
     shape, num_classes = datasets.shape_and_classes(cfg)
     if cfg.model.conditional:
         datasets.check_labels(labels, num_classes, "the training data")
+    check_pretrained(cfg.model, shape, num_classes)  # a bad pretrained folder writes nothing
     folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
     with folder.guard():  # finished on return, failed (with the reason) on any error
         return _train(cfg, folder, (images, labels), (shape, num_classes), resume=resume,
