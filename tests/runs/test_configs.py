@@ -17,14 +17,15 @@ def test_the_configs_folder_is_found():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates_and_its_model_fits_its_data(path):
+def test_every_shipped_config_validates_and_its_model_fits_its_data(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # own-data paths (examples/shapes) are the repo's
     cfg = load_config(path)
-    info = datasets.info(cfg.data.name)
+    shape, classes = datasets.shape_and_classes(cfg)
     # on the meta device: checks the architecture against the data's shape (e.g. a U-Net's
     # levels against the image size) without allocating a 34 M-parameter network
     with torch.device("meta"):
-        model = build_model_for(cfg.model, tuple(info.shape), info.classes)
-    x = torch.empty((2, *info.shape), device="meta")
+        model = build_model_for(cfg.model, shape, classes)
+    x = torch.empty((2, *shape), device="meta")
     out = model(x, torch.ones(2, device="meta"),
                 torch.zeros(2, dtype=torch.long, device="meta") if cfg.model.conditional else None)
     assert out.shape == x.shape

@@ -443,7 +443,7 @@ def info(source: Source) -> DatasetInfo:
     their images when data.image_size and data.channels are set; the others are loaded
     (bundled arrays and own data are cached in-process)."""
     if _own(source):
-        from fedscore.data import own
+        from fedscore.data import own  # own.py imports this module
 
         return own.info(source)
     name, _, _ = _builtin(source, None, False)
@@ -475,7 +475,7 @@ def groups(source: Source, split: str = "train") -> np.ndarray | None:
     if not _own(source):
         _builtin(source, None, False)  # the same checks as load
         return None
-    from fedscore.data import own
+    from fedscore.data import own  # own.py imports this module
 
     return own.groups(source, split)
 

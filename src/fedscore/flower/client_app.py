@@ -47,6 +47,7 @@ from flwr.clientapp import ClientApp
 from fedscore import data as datasets
 from fedscore import runtime as runtimes
 from fedscore.config import OWN_DATA, RunConfig, config_from_text
+from fedscore.data import own
 from fedscore.errors import FedscoreError
 from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
@@ -118,8 +119,6 @@ def _check_numbered(source) -> None:
     """A conditional silo's class folders must number their classes as every other silo:
     integer names, or data.classes in the run config. Sorted names would number a silo
     that lacks a class differently from the others, silently."""
-    from fedscore.data import own
-
     names = sorted(own.list_folder(Path(source.path), None)[1])
     if names and not all(n.isdigit() for n in names):
         raise FedscoreError(
