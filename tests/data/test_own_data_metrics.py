@@ -44,3 +44,43 @@ def test_unlabelled_own_images_cannot_train_a_domain_classifier(tmp_path):
     with pytest.raises(FedscoreError, match="no labels.*need|domain-feature metrics"):
         get_extractor(DataConfig(name="folder", path=str(root)), cache_dir=tmp_path / "c",
                       progress=False)
+
+
+def test_unlabelled_own_images_are_scored_by_inception_alone(tmp_path, monkeypatch):
+    """`fedscore evaluate` of a run on unlabelled images: without Inception weights one
+    clear error pointing at them; with them, the Inception FID/IS and no domain scores."""
+    import torch
+
+    from fedscore.config import load_config
+    from fedscore.metrics import FeatureStats
+    from fedscore.runs.evaluate import evaluate_run, sample_run
+    from fedscore.runs.train import train_central
+
+    root = write(tmp_path / "u", [""], n=30)
+    cfg = load_config(None, name="u", out_dir=str(tmp_path / "runs"),
+                      data={"name": "folder", "path": str(root)},
+                      model={"kind": "unet", "size": "tiny"},
+                      diffusion={"grid": "exponential", "steps": 10},
+                      train={"steps": 2, "batch_size": 8, "eval_batch": 4, "log_every": 1},
+                      sample={"steps": 2})
+    monkeypatch.setenv("FEDSCORE_CACHE", str(tmp_path / "cache"))
+    train_central(cfg, progress=False)
+    run = tmp_path / "runs" / "u"
+    sample_run(run, 20, progress=False)
+    with pytest.raises(FedscoreError, match="--inception-weights"):
+        evaluate_run(run, progress=False)
+
+    class StandIn:  # a real Inception pass is minutes on a CPU: pool3 = the flat image
+        path = tmp_path / "weights.pth"
+
+        def features_and_logits(self, images, progress=False):
+            f = images.flatten(1).double()
+            return f, f[:, :3]
+
+        def stats(self, images, progress=False):
+            return FeatureStats.from_features(self.features_and_logits(images)[0])
+
+    monkeypatch.setattr("fedscore.runs.evaluate.load_inception", lambda path, **kw: StandIn())
+    scores = evaluate_run(run, inception_weights="w.pth", progress=False)
+    assert torch.isfinite(torch.tensor(scores["inception_fid"]))
+    assert scores["inception_fid"] > 0 and "fid" not in scores

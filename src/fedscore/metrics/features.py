@@ -315,7 +315,9 @@ def _own_recipe(info) -> dict[str, Any]:
         raise FedscoreError(
             f"{info.description} has no labels (one class): the domain-feature metrics "
             "(FID, IS, class accuracy) come from a classifier trained on the data's classes. "
-            "Give the data classes (one subfolder per class, or `y` in the .npz)")
+            "Give the data classes (one subfolder per class, or `y` in the .npz), or score "
+            "them with the papers' Inception FID/IS alone: fedscore evaluate RUN "
+            "--inception-weights FILE")
     if min(h, w) < 4:
         raise FedscoreError(f"{info.description}: the feature classifier needs images of at "
                             f"least 4x4 pixels, these are {h}x{w}")

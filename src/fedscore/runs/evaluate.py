@@ -307,8 +307,12 @@ def evaluate_run(
         if inception_weights is not None:  # fail on a bad file before the long work
 
             inception = load_inception(inception_weights, device=runtime.device)
-        result |= image_metrics(cfg, x, labels, seed=seed, progress=progress,
-                                device=runtime.device)
+        # unlabelled own images have no domain classifier (it learns the data's classes):
+        # with Inception weights they get the papers' Inception FID/IS alone
+        unlabelled = cfg.data.path is not None and datasets.info(cfg.data).classes < 2
+        if not (unlabelled and inception_weights is not None):
+            result |= image_metrics(cfg, x, labels, seed=seed, progress=progress,
+                                    device=runtime.device)
         if inception_weights is not None:
             result |= inception_metrics(inception, cfg, x, seed=seed, progress=progress)
     result["runtime"] = runtime.describe()

@@ -144,11 +144,14 @@ def _describe(run: RunInfo) -> list[str]:
                     f"{fed.policy}, {ratios}, partition {fed.partition.scheme}")
     else:
         training = f"centralised: {cfg.train.steps} steps"
-    model = f"{cfg.model.kind} {cfg.model.size if cfg.model.kind != 'mlp' else ''}".strip()
+    model = f"{cfg.model.kind} {cfg.model.size if cfg.model.kind == 'unet' else ''}".strip()
+    if cfg.model.pretrained:
+        model += f" from {cfg.model.pretrained}"
     if cfg.model.conditional:
         model += " (conditional)"
     last = run.records[-1] if run.records else {}
-    return [cfg.data.name, model, training,
+    data = cfg.data.name if cfg.data.path is None else f"{cfg.data.name} {cfg.data.path}"
+    return [data, model, training,
             f"{_fmt(last.get('loss'))} / {_fmt(last.get('eq9_heldout'))}"]
 
 
