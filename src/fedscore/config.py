@@ -198,6 +198,48 @@ class PartitionConfig(Strict):
     """Classes per worker (scheme: shards)."""
 
 
+class SecAggConfig(Strict):
+    """Flower's SecAgg+ (`SecAggPlusWorkflow`) for eq. 8's sums: values are clipped to
+    [-clipping_range, clipping_range] and quantised to integers below quantization_range."""
+
+    num_shares: Int | Float = Field(1.0, gt=0)
+    """Shares of each worker's secret: a count (int > 1) or a fraction of the workers."""
+    reconstruction_threshold: Int | Float = Field(0.67, gt=0)
+    """Shares needed to unmask: a count or a fraction of num_shares; fewer surviving
+    workers than this and the round fails (SecAgg+'s dropout tolerance)."""
+    clipping_range: Float = Field(8.0, gt=0)
+    quantization_range: Int = Field(2**22, ge=2, le=2**30)
+    scale: Float = Field(1.0, gt=0)
+    """Values are multiplied by `scale` before SecAgg+'s clipping and divided after, to fit
+    parameters into the clipping range."""
+
+
+class PrivacyConfig(Strict):
+    """Differential privacy (issue 19): DP-FedAvg (`mode: client`: each worker's update
+    clipped to L2 norm `clip` over its kept coordinates, Gaussian noise of std
+    noise_multiplier * clip on eq. 8's sum) or DP-SGD (`mode: sample`: per-sample gradients
+    of eq. 7's local steps clipped to `clip`, noise of std noise_multiplier * clip on their
+    sum). Epsilon at `delta` from a maintained accountant (Opacus)."""
+
+    mode: Literal["client", "sample"]
+    clip: Float = Field(gt=0)
+    noise_multiplier: Float | None = Field(None, gt=0)
+    """z; or leave it None and give `target_epsilon` (z is then solved by the accountant)."""
+    target_epsilon: Float | None = Field(None, gt=0)
+    delta: Float = Field(1e-5, gt=0, lt=1)
+    noise: Literal["central", "distributed"] = "central"
+    """mode client: the server adds the noise to the sum (central), or every worker adds its
+    share N(0, z^2 C^2 / N) so that the sum carries it (distributed: with SecAgg+, the
+    server never sees an un-noised sum)."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier (z > 0) and target_epsilon")
+        return self
+
+
 class FederationConfig(Strict):
     """Federated training with arbitrary pruning (SPEC §2, eqs. 7-8)."""
 
@@ -226,6 +268,10 @@ class FederationConfig(Strict):
     eval_every: Int = Field(1, ge=1)
     """Rounds between held-out eq. 9 evaluations (the last round is always evaluated); each
     costs about as much as a few local steps of every worker."""
+    secure_aggregation: bool = False
+    """Flower only: eq. 8's two sums (of theta_n * m_n and of m_n) computed by Flower's
+    SecAgg+, so the server never sees one worker's values or mask (`secagg` settings)."""
+    secagg: SecAggConfig = Field(default_factory=lambda: SecAggConfig())
 
     def eval_due(self, q: int) -> bool:
         """Is held-out eq. 9 evaluated after round q (0-based)?"""
@@ -267,6 +313,8 @@ class RunConfig(Strict):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     federation: Literal["none"] | FederationConfig = "none"
     """"none" for centralised training; the federated engine's settings otherwise."""
+    privacy: PrivacyConfig | None = None
+    """Differential privacy of federated training (None: none)."""
     theory: TheoryConfig = Field(default_factory=TheoryConfig)
     device: str = "auto"
     """Where the job runs: "auto" (CUDA when present, else the CPU), "cpu", "cuda",
