@@ -8,10 +8,11 @@ rebuilt, mini-batches larger than a worker's data) are printed as `fedscore: war
 Each command imports its machinery inside its own body, so that `fedscore --help` and a
 mistyped command answer at once instead of after importing torch, Flower and Ray.
 
-Help texts are rich markup: a '[' that starts a word is a style tag and vanishes (issue 18:
-"fedscore[simulation]" printed as "fedscore"), so a literal one is written '\\['. (Plain
-help, rich_markup_mode=None, would print typer's own "\\[default: ...]" with its backslash.)
-`-h` is `--help` everywhere.
+Help texts are markdown (rich_markup_mode="markdown": a docstring's wrapped lines join into
+one paragraph instead of keeping their line breaks) with rich's style tags: a '[' that
+starts a word is a tag and vanishes (issue 18: "fedscore[simulation]" printed as
+"fedscore"), so a literal one is written '\\['. (Plain help, rich_markup_mode=None, would
+print typer's own "\\[default: ...]" with its backslash.) `-h` is `--help` everywhere.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _typer(help: str) -> typer.Typer:
     """A command group with the CLI's shared settings: `-h` as `--help`, help when called
     bare, no tracebacks dressed up by typer, no shell-completion options."""
     return typer.Typer(help=help, no_args_is_help=True, pretty_exceptions_enable=False,
-                       add_completion=False, context_settings=HELP_OPTIONS)
+                       add_completion=False, context_settings=HELP_OPTIONS,
+                       rich_markup_mode="markdown")
 
 
 app = _typer("Federated diffusion models: federated training with pruning, federated inference.")
