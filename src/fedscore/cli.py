@@ -272,6 +272,28 @@ def features_train(
                f"({state} the floor {extractor.floor})")
 
 
+data_app = _typer("Datasets: what fedscore reads from a config's data.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("show")
+def data_show(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for preview.png (and partition.png).")] = (
+        Path("runs/data-show")),
+) -> None:
+    """What a config's data are as a run reads them: item shape, class folder -> label,
+    images per split, class and worker (silo), and a preview grid (plus the partition
+    heat-map for a federated config). Nothing is trained."""
+    import json
+
+    from fedscore.runs.data_show import show_data
+
+    _need_config("data show", config, set_, "configs/own-shapes.yaml")
+    typer.echo(json.dumps(show_data(_config(config, set_, None), out), indent=2))
+
+
 reproduce_app = _typer("Reproduce the papers' experiments on bundled data.")
 app.add_typer(reproduce_app, name="reproduce")
 

@@ -17,7 +17,8 @@ def plot_partition(
     columns, every cell annotated with its count, row totals on the right. Returns path."""
     hist = class_histogram(labels, parts, n_classes)
     n_workers, k = hist.shape
-    fig = plotting.figure(figsize=(1.0 + 0.55 * k, 0.9 + 0.4 * n_workers))
+    # at least 4.5 in wide: a two-class heat-map must still fit its title
+    fig = plotting.figure(figsize=(max(4.5, 1.0 + 0.55 * k), 0.9 + 0.4 * n_workers))
     ax = fig.add_subplot()
     im = ax.imshow(hist, cmap="Blues", aspect="auto", vmin=0)
     if hist.size <= 900:  # counts stay legible up to ~30 x 30 cells
