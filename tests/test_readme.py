@@ -63,6 +63,13 @@ COMMANDS: dict[str, tuple] = {
     " --set theory.every=1 --out runs/theory-toy": ("run", ["--set", "federation.rounds=2"]),
     "fedscore bound runs/theory-toy": ("run", []),
     "fedscore bound --params examples/bound-constants.yaml --out runs/bound-what-if": ("run", []),
+    "fedscore data show --config configs/own-shapes.yaml": ("run", []),
+    # two rounds, eq. 9 on two held-out images over a 100-point DDPM grid: seconds
+    "fedscore train --config configs/own-shapes.yaml": (
+        "run", ["--set", "federation.rounds=2", "--set", "train.eval_batch=2",
+                "--set", "diffusion.steps=99"]),
+    "fedscore export runs/own-shapes --format diffusers --out runs/own-shapes-diffusers": (
+        "run", []),
     "fedscore flower run --config configs/flower-toy.yaml --deployment simulation"
     " --out runs/flower-sim": (
         "test", "tests/flower/test_flower_loopback.py"
@@ -135,6 +142,7 @@ def test_readme_commands_run(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "fi-mixture" / "samples.png").is_file()
     assert (tmp_path / "runs" / "theory-toy" / "bound.md").is_file()
     assert len(glob.glob("runs/fi-mnist5k/agent-*/model.safetensors")) == 10
+    assert (tmp_path / "runs" / "own-shapes-diffusers" / "model_index.json").is_file()
 
 
 def test_readme_python_blocks_run():
