@@ -81,22 +81,20 @@ def test_a_dp_run_without_clipping_or_noise_is_the_plain_run(tmp_path, privacy, 
         assert torch.allclose(v, dp.params[k], atol=1e-5), k
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"privacy": {"mode": "client", "clip": 1.0, "noise_multiplier": 1.0}},
-     "federation: none"),
-    ({"privacy": {"mode": "client", "clip": 0.0, "noise_multiplier": 1.0}}, "clip"),
-    ({"privacy": {"mode": "client", "clip": 1.0, "noise_multiplier": 0.0}}, "noise_multiplier"),
-    ({"privacy": {"mode": "client", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1.0}},
+@pytest.mark.parametrize(("federation", "privacy", "message"), [
+    ("none", {"mode": "client", "clip": 1.0, "noise_multiplier": 1.0}, "federation: none"),
+    ({"workers": 2}, {"mode": "client", "clip": 0.0, "noise_multiplier": 1.0}, "clip"),
+    ({"workers": 2}, {"mode": "client", "clip": 1.0, "noise_multiplier": 0.0},
+     "noise_multiplier"),
+    ({"workers": 2}, {"mode": "client", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1.0},
      "delta"),
-    ({"privacy": {"mode": "client", "clip": 1.0, "noise_multiplier": 1.0, "delta": 0.0}},
+    ({"workers": 2}, {"mode": "client", "clip": 1.0, "noise_multiplier": 1.0, "delta": 0.0},
      "delta"),
-    ({"privacy": {"mode": "client", "clip": 1.0}}, "exactly one of noise_multiplier"),
+    ({"workers": 2}, {"mode": "client", "clip": 1.0}, "exactly one of noise_multiplier"),
 ])
-def test_bad_privacy_settings_are_one_error_each_at_the_edge(settings, message):
+def test_bad_privacy_settings_are_one_error_each_at_the_edge(federation, privacy, message):
     with pytest.raises(FedscoreError, match=message) as err:
-        load_config(None, **settings) if "clip" not in message and "noise_mult" not in \
-            message and "delta" not in message and "exactly" not in message else \
-            load_config(None, federation={"workers": 2}, **settings)
+        load_config(None, federation=federation, privacy=privacy)
     assert str(err.value).count("\n") <= 2  # one problem named, not a wall of errors
 
 
