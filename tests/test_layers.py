@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedscore"
 LAYERS = [
     {"errors", "io", "cache", "runtime", "config", "plotting"},
     {"diffusion", "toy", "data", "models"},
-    {"federated", "inference", "metrics", "theory"},
+    {"federated", "inference", "metrics", "theory", "privacy"},
     {"runs", "experiments", "demo", "export"},  # export: a run folder -> a diffusers folder
     {"flower"},
     {"cli", "__main__"},

@@ -164,6 +164,9 @@ def train(
         typer.echo(f"trained {cfg.name} ({cfg.federation.workers} workers, "
                    f"{cfg.federation.rounds} rounds): final loss {fed.final_loss:.4f}, "
                    f"held-out eq. 9 {fed.eq9:.4f}, Gamma* {fed.gamma_star}")
+        if fed.epsilon is not None:
+            typer.echo(f"differential privacy: epsilon {fed.epsilon:.3g} at delta "
+                       f"{cfg.privacy.delta:g} ({cfg.privacy.mode} level)")
         typer.echo(f"run folder: {fed.folder.path}")
         return
     from fedscore.runs.train import train_central

@@ -327,6 +327,28 @@ class RunConfig(Strict):
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    @model_validator(mode="after")
+    def _check_privacy(self):
+        p = self.privacy
+        if p is None:
+            return self
+        if not isinstance(self.federation, FederationConfig):
+            raise ValueError(
+                "privacy protects the workers of a federation, but this config has "
+                "`federation: none` (centralised training); add a federation section or "
+                "remove `privacy`")
+        if p.mode == "sample" and p.noise == "distributed":
+            raise ValueError(
+                "privacy.noise: distributed splits DP-FedAvg's noise over the workers (mode "
+                "client); mode sample adds its noise inside each worker's steps: set "
+                "privacy.noise: central (or mode: client)")
+        if self.theory.estimate:
+            raise ValueError(
+                "theory.estimate reads the workers' raw gradients outside the privacy "
+                "mechanism and writes them into the run's log; set theory.estimate: false "
+                "for a private run")
+        return self
+
 
 def describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]

@@ -51,6 +51,7 @@ Optimiser state is one shape throughout: flat tensors with the worker axis leadi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -63,6 +64,7 @@ from fedscore.federated.flat import FlatLayout
 from fedscore.federated.local import (
     Batch,
     LossFn,
+    PrivateGrad,
     check_steps,
     index_batch,
     leading_size,
@@ -74,6 +76,7 @@ Params = dict[str, Tensor]
 STRATEGIES = ("auto", "vmap", "chunked", "sequential", "threads")
 AUTO_VMAP_MAX_PARAMS = 200_000
 DEFAULT_CHUNK = 4
+Contribute = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def choose_strategy(params: Params, n: int = 2) -> str:
@@ -132,12 +135,13 @@ def train_workers(
     state: State | None = None,
     strategy: str = "auto",
     chunk_size: int | None = None,
+    dp: PrivateGrad | None = None,
 ) -> tuple[Params, State, Tensor]:
     """Eq. 7 for all N workers: (theta_{q,n,S} name -> (N, *shape), stacked state, losses
     (N, S)). Arguments as in `run_round`."""
     layout, worker_flat, state, losses = _train_flat(
         global_params, masks, worker_batches, loss_fn, opt, steps=steps, state=state,
-        strategy=strategy, chunk_size=chunk_size,
+        strategy=strategy, chunk_size=chunk_size, dp=dp,
     )
     return layout.unflatten(worker_flat, copy=True), state, losses
 
@@ -153,6 +157,8 @@ def round_sums(
     state: State | None = None,
     strategy: str = "auto",
     chunk_size: int | None = None,
+    dp: PrivateGrad | None = None,
+    contribute: Contribute | None = None,
 ) -> tuple[Params, Params, State, Tensor]:
     """Round q up to eq. 8's statistic: every worker's eq. 7, then per coordinate
     sums = sum_{n in N_q^(i)} theta_{q,n,S}^(i) and counts = |N_q^(i)|.
@@ -161,15 +167,21 @@ def round_sums(
     `aggregate.finish(global_params, sums, counts, uncovered)` is theta_{q+1} and
     `aggregate.round_stats(global_params, masks, counts)` the round's record, exactly as
     `run_round` computes them; sums and counts of disjoint groups of workers add
-    (`aggregate.merge_sums`). Arguments as in `run_round`.
+    (`aggregate.merge_sums`). Arguments as in `run_round`, and
+    contribute: what each worker contributes to the sums instead of its model (DP-FedAvg's
+    clipping and distributed noise, `privacy.RoundPrivacy.contribute`):
+    contribute(worker_flat (N, D), theta_q flat (D,), masks flat (N, D)) -> (N, D).
     """
     layout, worker_flat, state, losses = _train_flat(
         global_params, masks, worker_batches, loss_fn, opt, steps=steps, state=state,
-        strategy=strategy, chunk_size=chunk_size,
+        strategy=strategy, chunk_size=chunk_size, dp=dp,
     )
     with torch.no_grad():
+        flat_masks = layout.flatten(masks, 1)
+        if contribute is not None:
+            worker_flat = contribute(worker_flat, layout.flatten(global_params), flat_masks)
         # eq. 8 on the flat (N, D) matrix: two reductions instead of two per tensor
-        sums, counts = masked_sums({"flat": worker_flat}, {"flat": layout.flatten(masks, 1)})
+        sums, counts = masked_sums({"flat": worker_flat}, {"flat": flat_masks})
         del worker_flat
         sums = layout.unflatten(sums["flat"], copy=True)
         counts = layout.unflatten(counts["flat"], copy=True)
@@ -188,6 +200,7 @@ def run_round(
     strategy: str = "auto",
     chunk_size: int | None = None,
     uncovered: str = "keep",
+    dp: PrivateGrad | None = None,
 ) -> tuple[Params, Params, dict, State, Tensor]:
     """Round q: every worker's eq. 7 from theta_q ⊙ m_n, then eq. 8.
 
@@ -199,14 +212,15 @@ def run_round(
     state: the stacked flat optimiser state to continue ({"m", "v": (N, D), "step": (N,)}
     for Adam), or None for a fresh one (the caller resets it per round or keeps it);
     chunk_size: workers per vectorised call for "chunked" (default 4); uncovered: eq. 8's
-    rule for coordinates no worker kept (`aggregate.finish`).
+    rule for coordinates no worker kept (`aggregate.finish`); dp: DP-SGD's gradient for
+    the N workers in this round (`privacy.DPSGD`, mode sample), None: eq. 7's own.
 
     Returns (theta_{q+1}, coverage name -> int64 shape, `round_stats` dict, stacked state
     ({} for SGD), worker losses (N, S)).
     """
     sums, counts, state, losses = round_sums(
         global_params, masks, worker_batches, loss_fn, opt, steps=steps, state=state,
-        strategy=strategy, chunk_size=chunk_size,
+        strategy=strategy, chunk_size=chunk_size, dp=dp,
     )
     with torch.no_grad():  # elementwise, so the same bits as on the flat vector
         new_params, coverage = finish(global_params, sums, counts, uncovered)
@@ -217,7 +231,7 @@ def run_round(
 def _train_flat(
     global_params: Params, masks: dict[str, Tensor], batches: Batch, loss_fn: LossFn,
     opt: Optimizer, *, steps: int | None, state: State | None, strategy: str,
-    chunk_size: int | None,
+    chunk_size: int | None, dp: PrivateGrad | None = None,
 ) -> tuple[FlatLayout, Tensor, State, Tensor]:
     """(layout, worker models (N, D), stacked flat state, losses (N, S))."""
     if strategy not in STRATEGIES:
@@ -238,12 +252,12 @@ def _train_flat(
         if strategy in ("sequential", "threads"):
             threads = torch.get_num_threads() if strategy == "threads" else 1
             return (layout, *_sequential(layout, global_params, masks, batches, loss_fn, opt,
-                                         state, steps, threads))
+                                         state, steps, threads, dp))
         size = n if strategy == "vmap" else (chunk_size or DEFAULT_CHUNK)
         if size < 1:
             raise FedscoreError(f"chunk_size must be at least 1, got {chunk_size}")
         return (layout, *_vectorised(layout, global_params, masks, batches, loss_fn, opt,
-                                     state, steps, size))
+                                     state, steps, size, dp))
 
 
 def _slice(state: State, index) -> State:
@@ -253,21 +267,28 @@ def _slice(state: State, index) -> State:
 def _vectorised(
     layout: FlatLayout, global_params: Params, masks: dict[str, Tensor], batches: Batch,
     loss_fn: LossFn, opt: Optimizer, state: State | None, steps: int, size: int,
+    dp: PrivateGrad | None = None,
 ) -> tuple[Tensor, State, Tensor]:
-    """vmap of the gradient over groups of `size` workers (size = N: one call per step)."""
+    """vmap of the gradient over groups of `size` workers (size = N: one call per step);
+    under DP-SGD, vmap over the workers of its per-sample vmap (`privacy.dpsgd`)."""
     n = n_workers(masks)
     flat_masks = layout.flatten(masks, 1)  # (N, D)
     # eq. 7's start theta_q ⊙ m_n for all workers at once
     theta = torch.where(flat_masks, layout.flatten(global_params).detach()[None], 0)
     state = state or opt.init(theta)
-    grad_all = vmap(grad_and_value(layout.loss(loss_fn)))
+    loss_flat = layout.loss(loss_fn)
+    grad_all = vmap(grad_and_value(loss_flat))
     outs, states, losses = [], [], []
     for lo in range(0, n, size):
         part = slice(lo, min(lo + size, n))
         th, m, st = theta[part], flat_masks[part], _slice(state, part)
+        chunk_dp = dp.select(part) if dp is not None else None
         chunk_losses = []
         for s in range(steps):
-            grad, loss = grad_all(th, index_batch(batches, (part, s)))
+            if chunk_dp is None:
+                grad, loss = grad_all(th, index_batch(batches, (part, s)))
+            else:
+                grad, loss = chunk_dp.grad(loss_flat, th, index_batch(batches, (part, s)), m, s)
             th, st = opt.update(th, grad, m, st)  # elementwise over the (chunk, D) matrix
             chunk_losses.append(loss)
         outs.append(th)
@@ -282,6 +303,7 @@ def _vectorised(
 def _sequential(
     layout: FlatLayout, global_params: Params, masks: dict[str, Tensor], batches: Batch,
     loss_fn: LossFn, opt: Optimizer, state: State | None, steps: int, threads: int = 1,
+    dp: PrivateGrad | None = None,
 ) -> tuple[Tensor, State, Tensor]:
     """local_update per worker on views of the stacked masks, batches and state; with
     threads > 1, `threads` workers at a time, each with one intra-op thread ("threads")."""
@@ -290,6 +312,7 @@ def _sequential(
         theta, st, loss = local_update(
             global_params, {k: v[w] for k, v in masks.items()}, index_batch(batches, w),
             loss_fn, opt, steps=steps, state=_slice(state, w) if state else None,
+            dp=dp.select(w) if dp is not None else None,
         )
         return layout.flatten(theta), st, loss
 

@@ -18,9 +18,10 @@ from typing import Any
 from torch import Tensor
 
 from fedscore.federated.engine import round_sums
-from fedscore.federated.local import Batch, LossFn
+from fedscore.federated.local import Batch, LossFn, leading_size
 from fedscore.federated.loop import RoundOutcome
 from fedscore.federated.optim import Optimizer
+from fedscore.privacy.plan import RoundPrivacy
 
 Params = dict[str, Tensor]
 
@@ -45,6 +46,8 @@ class InProcessTransport:
     keep_state: bool = False
     opt_state: Any = None
     samples_per_round: int = 0
+    privacy: Any = None  # a `privacy.PrivacyPlan`: DP-SGD in the steps (mode sample), each
+    # worker's update clipped and distributed noise added (mode client); None: none
     keep_inputs: bool = False  # hand (masks, batches) to hooks (the theory estimator): the
     # batches as batches_for gave them, so a lazy source stays lazy (redrawn, not kept)
 
@@ -52,14 +55,20 @@ class InProcessTransport:
         t0 = time.perf_counter()
         masks = self.masks_for(q, params)
         batches = self.batches_for(q)
+        n = leading_size(batches)
+        private = RoundPrivacy(self.privacy, q, list(range(n))) if self.privacy else None
         sums, counts, state, losses = round_sums(
             params, masks, batches, self.loss_fn, self.opt, steps=self.steps,
             state=self.opt_state if self.keep_state else None, strategy=self.strategy,
+            dp=private.dp if private else None,
+            contribute=private.contribute if private else None,
         )
         self.opt_state = state if self.keep_state else None
         seconds = time.perf_counter() - t0
-        n = losses.shape[0]
         record = {"samples_per_s": self.samples_per_round / seconds} if seconds > 0 else {}
+        if private is not None:
+            sums = private.add_worker_noise(sums)
+            record |= private.record()
         return RoundOutcome(
             sums=sums, counts=counts, masks=masks, workers=list(range(n)),
             worker_loss=losses.mean(dim=1).tolist(), record=record,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,16 @@ from fedscore.federated.optim import Optimizer, State, check_state
 Params = dict[str, Tensor]
 Batch = Any  # a tensor, a tuple / list / dict of tensors (nested), or a LazyBatches
 LossFn = Callable[[Params, Batch], Tensor]
+
+
+class PrivateGrad(Protocol):
+    """A step's gradient under DP-SGD (`privacy.DPSGD`): (gradient, loss) of the flat loss
+    at theta (D,) or stacked (n, D), on a batch, with the worker's mask, at local step s."""
+
+    def grad(self, loss_flat: Callable, theta: Tensor, batch: Batch, mask: Tensor,
+             step: int) -> tuple[Tensor, Tensor]: ...
+
+    def select(self, rows: int | slice) -> PrivateGrad: ...
 
 
 def thread_replicas(model: nn.Module) -> Callable[[], nn.Module]:
@@ -137,6 +147,7 @@ def local_update(
     *,
     steps: int | None = None,
     state: State | None = None,
+    dp: PrivateGrad | None = None,
 ) -> tuple[Params, State, Tensor]:
     """Eq. 7 for one worker: start at theta_q ⊙ m, take S steps of `opt`;
     (theta_{q,n,S}, state, losses).
@@ -146,6 +157,8 @@ def local_update(
     a worker's `batches.WorkerBatches` (batch s drawn when step s takes it);
     state: this worker's flat optimiser state to continue ({"m", "v": (D,), "step": ()} for
     Adam), or None / {} for a fresh one; returned in the same format ({} for SGD).
+    dp: DP-SGD's gradient for this worker (`privacy.DPSGD`, mode sample): each step takes
+    its clipped, noised per-sample gradient instead of the batch gradient; None: plain eq. 7.
     losses: (S,), the loss at each step before its update.
     """
     steps = check_steps(steps, leading_size(batches))
@@ -160,7 +173,11 @@ def local_update(
         loss_flat = layout.loss(loss_fn)
         losses = []
         for s in range(steps):
-            grad, loss = autograd_grad(loss_flat, theta, index_batch(batches, s))
+            batch = index_batch(batches, s)
+            if dp is None:
+                grad, loss = autograd_grad(loss_flat, theta, batch)
+            else:
+                grad, loss = dp.grad(loss_flat, theta, batch, m, s)
             theta, state = opt.update(theta, grad, m, state)
             losses.append(loss)
     return layout.unflatten(theta, copy=True), state, torch.stack(losses)

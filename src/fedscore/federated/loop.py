@@ -61,6 +61,15 @@ class RoundOutcome:
     opt_state: Any = None
 
 
+class Privacy(Protocol):
+    """Differential privacy's step of the loop (`privacy.PrivacyPlan`): noise on eq. 8's
+    sums before they are divided, and the accountant's fields of each round's record."""
+
+    def privatize(self, q: int, sums: Params, counts: Params) -> Params: ...
+
+    def record(self, rounds_done: int) -> dict: ...
+
+
 class Transport(Protocol):
     """Turns theta_q into one round's `RoundOutcome` (eq. 7 on the workers, the first half
     of eq. 8: sums and counts)."""
@@ -102,6 +111,7 @@ def run_rounds(
     uncovered: str = "keep",
     hooks: Sequence[RoundHook] = (),
     diverged_hint: str | Callable[[], str] = "",
+    privacy: Privacy | None = None,
 ) -> LoopResult:
     """Rounds start..rounds-1 of eqs. 7-8 over `transport`; returns theta_Q and Gamma*.
 
@@ -110,7 +120,9 @@ def run_rounds(
     value, "zero", "error"); hooks: called in order after every round; diverged_hint: the
     end of the error message when a worker's loss or the new model is not finite (e.g.
     where the last good checkpoint is and which setting to lower), or a callable giving it
-    at that moment (the good checkpoint changes as rounds are saved)."""
+    at that moment (the good checkpoint changes as rounds are saved); privacy: differential
+    privacy's noise on the sums (central DP-FedAvg) and epsilon in every round's record
+    (`privacy.PrivacyPlan`), the one place either happens for every transport."""
     record = None
     for q in range(start, rounds):
         t0 = time.perf_counter()
@@ -118,6 +130,8 @@ def run_rounds(
         record = {"round": q + 1}
         before = params
         if out.sums is not None:
+            if privacy is not None:  # eq. 8's sums are released noised, then divided
+                out.sums = privacy.privatize(q, out.sums, out.counts)
             new, coverage = finish(params, out.sums, out.counts, uncovered)
             diverged(q, out, new, diverged_hint)
             stats = round_stats(params, out.masks, coverage)  # w^2 of theta_q
@@ -129,6 +143,8 @@ def run_rounds(
         else:
             record |= {"loss": float("nan"), "note": "too few replies: model unchanged"}
         record |= out.record
+        if privacy is not None:  # every round counts, even one whose replies were too few
+            record |= privacy.record(q + 1)
         record["gamma_star"] = gamma_star
         record["seconds"] = time.perf_counter() - t0
         event = RoundEvent(q=q, rounds=rounds, before=before, params=params, outcome=out,

@@ -12,6 +12,7 @@ import hashlib
 
 MASKS = 0
 DATA = 1
+NOISE = 2  # differential privacy's Gaussian noise (`fedscore.privacy`)
 
 
 def seed_for(run_seed: int, round_: int, worker: int, stream: int) -> int:
@@ -26,4 +27,13 @@ def step_seed(run_seed: int, round_: int, worker: int, step: int) -> int:
     63-bit hash of (run seed, round, worker, DATA, step), so any step count fits
     torch.Generator's seed range and distinct steps get unrelated streams."""
     key = f"{seed_for(run_seed, round_, worker, DATA)}:{step}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def noise_seed(run_seed: int, round_: int, worker: int, step: int = -1) -> int:
+    """The seed of differential privacy's Gaussian noise in round q: worker >= 0 and step >= 0
+    for DP-SGD's noise at a local step, step -1 for a worker's distributed share of
+    DP-FedAvg's noise, worker -1 for the server's central noise. A 63-bit hash like
+    `step_seed`, on its own stream (NOISE), so training's draws are unchanged by privacy."""
+    key = f"{run_seed}:{round_}:{worker}:{NOISE}:{step}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1

@@ -36,6 +36,7 @@ from fedscore.federated.masks import build_masks
 from fedscore.federated.optim import Optimizer, make_optimizer
 from fedscore.federated.seeding import MASKS, seed_for
 from fedscore.models.build import build_model_for
+from fedscore.privacy.plan import PrivacyPlan, plan_for
 from fedscore.runtime import CPU_FP32, Runtime
 
 Params = dict[str, Tensor]
@@ -199,6 +200,8 @@ class FederationSetup(ModelSetup):
     steps: int = 0
     notes: list[str] = field(default_factory=list)
     """`size_notes` of this federation (already logged): for the run folder to record."""
+    privacy: PrivacyPlan | None = None
+    """The run's differential privacy (`privacy.plan_for`: z given or solved), None: none."""
 
     def batches(self, q: int, workers: list[int]) -> RoundBatches:
         """Round q's batches (x0, y, t, eps) of the given workers, sizes (len, S): each
@@ -257,25 +260,30 @@ def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
     # the held-out batch is drawn where the dataset is (not on a worker holding its own data)
     test_size = None if own_data is not None else datasets.info(cfg.data).n["test"]
     notes = size_notes(cfg, sizes, test_size)
+    steps = local_steps(fed, sizes)
+    plan = plan_for(cfg, sizes, steps)  # bad privacy settings refused before any file
     for note in notes:
         log.warning(note)
     return FederationSetup(
         **vars(base), images=images.to(device), labels=labels.to(device),
         parts=[p.to(device) for p in parts],
         loss_fn=make_loss(base.model, cfg, total_time, runtime),
-        steps=local_steps(fed, sizes), notes=notes,
+        steps=steps, notes=notes, privacy=plan,
     )
 
 
 def worker_round(f: FederationSetup, params: Params, q: int, n: int, opt_state: dict | None = None):
     """Worker n's part of round q (eq. 7), what a Flower SuperNode runs: its mask, its
     batches (drawn per step, the in-process engine's draws), `federated.local_update` (the
-    engine's sequential path). Returns (theta_{q,n,S}, mask, opt state, losses (S,))."""
+    engine's sequential path; under DP-SGD, its clipped and noised per-sample gradients).
+    Returns (theta_{q,n,S}, mask, opt state, losses (S,)). Mode client's clipping and noise
+    are applied to what leaves the worker (`privacy.client_contribution`) or by the server."""
     mask = {k: v[0] for k, v in f.masks(params, q, [n]).items()}
     batch = f.batches(q, [n])[0]
     fed = f.fed
     theta, state, losses = local_update(
         params, mask, batch, f.loss_fn, f.optimizer(), steps=f.steps,
         state=None if fed.adam_state == "reset" else opt_state,
+        dp=f.privacy.dpsgd(q, [n]) if f.privacy is not None else None,
     )
     return theta, mask, state, losses

@@ -44,6 +44,7 @@ class FederatedResult:
     gamma_star: int
     final_loss: float
     eq9: float
+    epsilon: float | None = None  # at privacy.delta after the last round (None: no privacy)
 
 
 # ---------------------------------------------------------------- the run folder's side
@@ -215,7 +216,8 @@ def train_federated(
     folder: RunFolder | None = None, runtime: Runtime | None = None,
 ) -> FederatedResult:
     """Run cfg.federation's rounds in this process on `runtime` (device, precision;
-    default: the config's, resolved); returns the final global model."""
+    default: the config's, resolved); returns the final global model (and, with `privacy`,
+    its epsilon; every round's record has epsilon, z, C and the clipped fraction)."""
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)  # config.yaml records the resolved device and precision
     f = prepare(cfg, runtime=runtime)
@@ -232,6 +234,8 @@ def _train(cfg: RunConfig, f: FederationSetup, folder: RunFolder, strategy: str,
     folder.write_json("runtime.json", runtime.describe())
     if not resume:
         write_partition(folder, f)
+    if f.privacy is not None:  # z (given or solved), sampling rates, planned epsilon
+        folder.write_json("privacy.json", f.privacy.summary())
     params, opt_state, start, gamma_star = f.init_params, None, 0, None
     if resume:
         params, opt_state, start, gamma_star = resume_state(folder, params)
@@ -245,7 +249,7 @@ def _train(cfg: RunConfig, f: FederationSetup, folder: RunFolder, strategy: str,
         strategy=strategy,
         keep_state=keep, opt_state=opt_state,
         samples_per_round=fed.workers * f.steps * fed.batch_size,
-        keep_inputs=cfg.theory.estimate,
+        keep_inputs=cfg.theory.estimate, privacy=f.privacy,
     )
     bar = tqdm(total=fed.rounds, initial=start, disable=not progress,
                desc=f"federated {cfg.name}")
@@ -258,6 +262,7 @@ def _train(cfg: RunConfig, f: FederationSetup, folder: RunFolder, strategy: str,
             params, transport, rounds=fed.rounds, start=start, gamma_star=gamma_star,
             uncovered=fed.uncovered, hooks=hooks,
             diverged_hint=lambda: folder.recovery("round", "federation.lr"),
+            privacy=f.privacy,
         )
     finally:
         bar.close()
@@ -266,4 +271,4 @@ def _train(cfg: RunConfig, f: FederationSetup, folder: RunFolder, strategy: str,
     last = out.last or (folder.metrics() or [{}])[-1]
     return FederatedResult(folder, f.model, out.params, int(out.gamma_star or 0),
                            last.get("loss", float("nan")),
-                           last.get("eq9_heldout") or float("nan"))
+                           last.get("eq9_heldout") or float("nan"), last.get("epsilon"))

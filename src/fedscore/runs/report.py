@@ -59,6 +59,16 @@ PRUNING: list[tuple[str, str, str]] = [
 ]
 PRUNING_PLOTS = ("min_coverage", "uncovered", "w2")
 
+# Per-round privacy records (fedscore.privacy.PrivacyPlan.record, issue 19): epsilon at the
+# run's delta after each round, by Opacus' accountant.
+PRIVACY: list[tuple[str, str, str]] = [
+    ("epsilon", "ε (after the last round)", "last"),
+    ("delta", "δ", "last"),
+    ("noise_multiplier", "noise multiplier z", "last"),
+    ("clip", "clip C", "last"),
+    ("clipped_fraction", "clipped fraction (mean over rounds)", "mean"),
+]
+
 
 @dataclass
 class RunInfo:
@@ -204,6 +214,22 @@ def _pruning_rows(runs: list[RunInfo]) -> list[list[str]]:
     return rows
 
 
+def _privacy_rows(runs: list[RunInfo]) -> list[list[str]]:
+    """The privacy table: a run without `privacy` shows ε = ∞ (no guarantee)."""
+    if not any("epsilon" in rec for r in runs for rec in r.records):
+        return []
+    rows = [["mode", *((r.cfg.privacy.mode if r.cfg and r.cfg.privacy else "none")
+                       for r in runs)]]
+    for key, label, how in PRIVACY:
+        cells = []
+        for r in runs:
+            v = _summarise([rec[key] for rec in r.records if key in rec], how, key)
+            private = r.cfg is not None and r.cfg.privacy is not None
+            cells.append("∞" if key == "epsilon" and v is None and not private else _fmt(v))
+        rows.append([label, *cells])
+    return rows
+
+
 def _plot_losses(runs: list[RunInfo], out: Path) -> list[tuple[str, Path]]:
     """One figure per x axis in use ("step" for centralised, "round" for federated)."""
 
@@ -292,6 +318,14 @@ def report_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Pa
         plot = _plot_pruning(runs, out)
         if plot is not None:
             lines += ["", f"![pruning statistics per round]({plot.name})"]
+        lines.append("")
+
+    private = _privacy_rows(runs)
+    if private:
+        lines += ["## Differential privacy", ""]
+        lines += _table(["", *names], private)
+        lines += ["", "ε at δ by Opacus' accountant (privacy.accountant), counted after every "
+                  "round (metrics.jsonl); docs/privacy-dp.md says what it protects."]
         lines.append("")
 
     lines += ["## Samples", ""]
