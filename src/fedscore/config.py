@@ -232,6 +232,11 @@ class PrivacyConfig(Strict):
     share N(0, z^2 C^2 / N) so that the sum carries it (distributed: with SecAgg+, the
     server never sees an un-noised sum)."""
     accountant: Literal["rdp", "prv"] = "rdp"
+    noise_seed: Int | None = Field(None, ge=0, le=MAX_SEED)
+    """None (the default): the noise comes from a secret key each process draws from the OS
+    (`secrets`), so nobody who knows the config can regenerate and subtract it. A number
+    makes the noise reproducible from the config — for tests and debugging only: it is then
+    NOT private against anyone who has the config (a warning says so)."""
 
     @model_validator(mode="after")
     def _one_noise_setting(self):

@@ -116,3 +116,18 @@ def test_distributed_shares_add_up_to_noise_of_scale_z_times_c_on_every_coordina
     share = RoundPrivacy(p, 0, [2]).add_worker_noise(rows)
     for k in theta_q:
         assert torch.allclose(contrib[k] - zero_update[k], share[k], atol=1e-6), k
+
+
+def test_the_noise_key_is_a_secret_unless_a_test_pins_it(caplog):
+    """Noise anyone can regenerate from the (public) config protects nothing: by default
+    every plan draws its key from the OS; `privacy.noise_seed` pins it, with a warning."""
+    from fedscore.config import PrivacyConfig
+    from fedscore.privacy.plan import noise_key
+
+    p = PrivacyConfig(mode="client", clip=1.0, noise_multiplier=1.0)
+    keys = {noise_key(p) for _ in range(8)}
+    assert len(keys) == 8 and all(0 <= k < 2**62 for k in keys)
+    pinned = PrivacyConfig(mode="client", clip=1.0, noise_multiplier=1.0, noise_seed=42)
+    with caplog.at_level("WARNING"):
+        assert noise_key(pinned) == noise_key(pinned) == 42
+    assert "NOT private" in caplog.text

@@ -62,7 +62,7 @@ def test_the_step_gradient_is_the_clipped_sum_plus_seeded_noise_over_b():
     x, y = (t[0, 0] for t in batches(1, 1, 8))
     mask = torch.ones(sum(layout.sizes), dtype=torch.bool)
     theta = layout.flatten(params)
-    dp = DPSGD(clip=0.1, noise_multiplier=2.0, run_seed=5, round_=3, workers=(7,))
+    dp = DPSGD(clip=0.1, noise_multiplier=2.0, noise_key=5, round_=3, workers=(7,))
     grad, _ = dp.grad(loss_flat, theta, (x, y), mask, step=4)
     total, _, _ = per_sample_clipped_sum(loss_flat, 0.1)(theta, (x, y), mask)
     noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(
@@ -76,14 +76,14 @@ def test_vectorised_and_sequential_dp_sgd_agree_and_pruned_stay_zero(opt):
     b, masks = batches(3, 4, 5), masks_for(params, 3)
     out = {}
     for strategy in ("vmap", "sequential"):
-        dp = DPSGD(clip=0.5, noise_multiplier=1.0, run_seed=0, round_=2, workers=(0, 1, 2))
+        dp = DPSGD(clip=0.5, noise_multiplier=1.0, noise_key=0, round_=2, workers=(0, 1, 2))
         out[strategy] = run_round(params, masks, b, loss_fn, opt, strategy=strategy, dp=dp)
         assert dp.count.seen == 3 * 4 * 5
     for k in params:
         assert torch.allclose(out["vmap"][0][k], out["sequential"][0][k], atol=1e-5), k
     # one worker's local_update (the Flower path) with its own noise stream, pruned = 0
     w = 1
-    dp = DPSGD(clip=0.5, noise_multiplier=1.0, run_seed=0, round_=2, workers=(w,))
+    dp = DPSGD(clip=0.5, noise_multiplier=1.0, noise_key=0, round_=2, workers=(w,))
     theta, _, _ = local_update(params, {k: v[w] for k, v in masks.items()},
                                tuple(t[w] for t in b), loss_fn, opt, dp=dp)
     for k, v in theta.items():
@@ -94,7 +94,7 @@ def test_dp_sgd_without_clipping_or_noise_is_plain_eq7():
     params, loss_fn = tiny()
     b, masks = batches(2, 3, 4), masks_for(params, 2)
     plain = run_round(params, masks, b, loss_fn, SGD(lr=0.2), strategy="vmap")
-    dp = DPSGD(clip=1e4, noise_multiplier=1e-12, run_seed=0, round_=0, workers=(0, 1))
+    dp = DPSGD(clip=1e4, noise_multiplier=1e-12, noise_key=0, round_=0, workers=(0, 1))
     private = run_round(params, masks, b, loss_fn, SGD(lr=0.2), strategy="vmap", dp=dp)
     assert dp.count.clipped == 0
     for k in params:

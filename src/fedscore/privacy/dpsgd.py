@@ -75,7 +75,7 @@ class DPSGD:
 
     clip: float
     noise_multiplier: float
-    run_seed: int
+    noise_key: int
     round_: int
     workers: tuple[int, ...]
     count: ClipCount = field(default_factory=ClipCount)
@@ -84,7 +84,7 @@ class DPSGD:
         """The same step for the workers at positions `rows` of the stacked axis (sharing
         this round's clip count)."""
         ids = self.workers[rows] if isinstance(rows, slice) else (self.workers[rows],)
-        return DPSGD(self.clip, self.noise_multiplier, self.run_seed, self.round_, ids,
+        return DPSGD(self.clip, self.noise_multiplier, self.noise_key, self.round_, ids,
                      self.count)
 
     def noise(self, step: int, like: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ class DPSGD:
         one worker, (n, D) for n stacked."""
         std = self.noise_multiplier * self.clip
         rows = [gaussian_noise(like[..., 0, :] if like.ndim > 1 else like, std,
-                               seeded_generator(noise_seed(self.run_seed, self.round_, n, step)))
+                               seeded_generator(noise_seed(self.noise_key, self.round_, n, step)))
                 for n in self.workers]
         return rows[0] if like.ndim == 1 else torch.stack(rows)
 

@@ -20,7 +20,9 @@ worker with the largest sampling rate in mode sample, so every worker meets the 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ from fedscore.privacy.clip import (
 )
 from fedscore.privacy.dpsgd import DPSGD
 
+log = logging.getLogger(__name__)
 Params = dict[str, Tensor]
 SERVER = -1  # the worker id of the server's central noise (`federated.seeding.noise_seed`)
 
@@ -59,7 +62,7 @@ class PrivacyPlan:
     delta: float
     noise: str  # central | distributed
     accountant: str
-    run_seed: int
+    noise_key: int
     workers: int  # N
     rounds: int  # Q, planned
     steps_per_round: int  # mechanisms per round: 1 (client), S (sample)
@@ -109,7 +112,7 @@ class PrivacyPlan:
         """DP-SGD's step gradient for the workers of round q (mode sample), else None."""
         if self.mode != "sample":
             return None
-        return DPSGD(self.clip, self.noise_multiplier, self.run_seed, q, tuple(workers))
+        return DPSGD(self.clip, self.noise_multiplier, self.noise_key, q, tuple(workers))
 
     def privatize(self, q: int, sums: Params, counts: Params) -> Params:
         """Eq. 8's sums with the server's central noise N(0, (z C)^2) at every coordinate
@@ -117,7 +120,7 @@ class PrivacyPlan:
         round q comes from its own seed, drawn tensor by tensor in the model's order."""
         if self.mode != "client" or self.noise != "central":
             return sums
-        g = seeded_generator(noise_seed(self.run_seed, q, SERVER))
+        g = seeded_generator(noise_seed(self.noise_key, q, SERVER))
         with torch.no_grad():
             return {k: torch.where(counts[k] > 0, v + gaussian_noise(v, self.noise_std, g), v)
                     for k, v in sums.items()}
@@ -126,7 +129,7 @@ class PrivacyPlan:
         """Worker n's share of distributed noise, N(0, (z C)^2 / N) on every coordinate
         (pruned ones too: with secure aggregation the dense sum must carry the whole noise
         at every coordinate, whoever kept it)."""
-        g = seeded_generator(noise_seed(self.run_seed, q, worker))
+        g = seeded_generator(noise_seed(self.noise_key, q, worker))
         return gaussian_noise(like, self.noise_std / math.sqrt(self.workers), g)
 
     @property
@@ -167,9 +170,21 @@ def plan_for(cfg: RunConfig, sizes: Sequence[int] | None = None, steps: int | No
                       p.accountant)
         solved = True
     return PrivacyPlan(mode=p.mode, clip=p.clip, noise_multiplier=z, delta=p.delta,
-                       noise=p.noise, accountant=p.accountant, run_seed=cfg.seed,
+                       noise=p.noise, accountant=p.accountant, noise_key=noise_key(p),
                        workers=fed.workers, rounds=fed.rounds, steps_per_round=per_round,
                        sample_rates=rates, target_epsilon=p.target_epsilon, solved=solved)
+
+
+def noise_key(p) -> int:
+    """The key of this process's privacy noise (`federated.seeding.noise_seed` hashes it
+    with the round, worker and step): `privacy.noise_seed` when set (reproducible, not
+    private: warned), else a secret 62-bit key from the OS. Never the run seed: the config
+    is public, and noise anyone can regenerate from it protects nothing."""
+    if p.noise_seed is not None:
+        log.warning("privacy.noise_seed is set: the noise is reproducible from the config, so "
+                    "it is NOT private against anyone who has the config (tests only)")
+        return int(p.noise_seed)
+    return secrets.randbits(62)
 
 
 # ---------------------------------------------------------------------- per transport
@@ -222,7 +237,7 @@ class RoundPrivacy:
 def _dense_noise(plan: PrivacyPlan, q: int, worker: int, like: Params) -> Params:
     """Worker n's distributed noise share for every tensor, drawn from one generator in the
     model's order (one seed per (round, worker))."""
-    g = seeded_generator(noise_seed(plan.run_seed, q, worker))
+    g = seeded_generator(noise_seed(plan.noise_key, q, worker))
     std = plan.noise_std / math.sqrt(plan.workers)
     return {k: gaussian_noise(v, std, g) for k, v in like.items()}
 
