@@ -278,8 +278,16 @@ def _assemble(pixels: list[Tensor], names: list[str], image_size: int | None,
                     f"{name!r} is {p.shape[-2]}x{p.shape[-1]} (height x width); set "
                     "data.image_size to crop and resize them all to one square size")
         return _to_channels(torch.stack(pixels), c)
-    out = [resize_square(_to_channels(p[None], c), image_size)[0] for p in pixels]
-    return torch.stack(out)
+    # resized in batches of one source size (one call per size, not per image: a folder of
+    # 2,000 same-size images is one interpolation instead of 2,000)
+    out = torch.empty(len(pixels), c, image_size, image_size)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pixels):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    for idx in by_shape.values():
+        batch = _to_channels(torch.stack([pixels[i] for i in idx]), c)
+        out[idx] = resize_square(batch, image_size)
+    return out
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
