@@ -123,11 +123,11 @@ def test_shares_and_threshold_follow_flower(shares, threshold, nodes, want):
     assert (p.shares, p.threshold) == want
 
 
-def fed_cfg(workers=3, **secagg):
+def fed_cfg(workers=3, fed=None, **secagg):
     return load_config(name="s", data={"name": "gmm:ring8"},
                        model={"kind": "mlp", "options": {"hidden": 8, "depth": 1}},
                        federation={"workers": workers, "secure_aggregation": True,
-                                   "secagg": secagg})
+                                   "secagg": secagg, **(fed or {})})
 
 
 @pytest.mark.parametrize("workers,secagg,match", [
@@ -142,6 +142,12 @@ def fed_cfg(workers=3, **secagg):
 def test_settings_secagg_cannot_run_are_refused_with_one_clear_error(workers, secagg, match):
     with pytest.raises(FedscoreError, match=match):
         secure.plan(fed_cfg(workers, **secagg))
+
+
+def test_an_update_norm_bound_is_refused_under_secure_aggregation():
+    """The server cannot check one reply's norm when it never sees one reply."""
+    with pytest.raises(FedscoreError, match="max_update_norm"):
+        secure.plan(fed_cfg(3, fed={"max_update_norm": 10.0}))
 
 
 def test_the_default_settings_plan_for_the_toy_federation():

@@ -158,18 +158,21 @@ def test_the_server_receives_only_masked_vectors(tmp_path, one_thread):
             assert not np.array_equal(mask * 2 * c / t - c, vec[1])
 
 
-@pytest.mark.parametrize("stage,survivors", [("collect_masked_vectors", [0, 1]),
+@pytest.mark.parametrize("stage,survivors", [("setup", [0, 1]),
+                                             ("share_keys", [0, 1]),
+                                             ("collect_masked_vectors", [0, 1]),
                                              ("unmask", [0, 1, 2])])
 def test_a_worker_dropping_out_mid_round_is_survived(tmp_path, one_thread, stage, survivors):
     """Worker 2 dies in one SecAgg+ stage of 3 workers (threshold 2): before sending its
     masked vector, the sum of the other two is unmasked (its pairwise masks recovered
-    from its shares); after, all three are. Eq. 8 over the workers whose vectors arrived,
-    within the bound; the round is logged with the failure."""
+    from its shares; lost before its key shares were sent, in the setup or share-keys
+    stage, the setup is restarted without it); after, all three are. Eq. 8 over the
+    workers whose vectors arrived, within the bound; the round logs the failure."""
     cfg = secure_config(tmp_path, rounds=1)
     params, (r,) = secure_run(cfg, LocalGrid(3, die={2: stage}))
     assert r["workers"] == survivors and r["replies"] == len(survivors)
     assert any(stage in why and "killed" in why for why in r["failed"].values())
-    assert r["degraded"] == (stage == "collect_masked_vectors")
+    assert r["degraded"] == (stage != "unmask")
 
     f = prepare(cfg)
     outs = [worker_round(f, f.init_params, 0, pid) for pid in survivors]

@@ -102,6 +102,11 @@ def plan(cfg: RunConfig) -> SecAggPlan:
     if n < 2:
         raise FedscoreError(f"secure aggregation needs at least 2 workers (SecAgg+ hides one "
                             f"worker among the others); federation.workers is {n}")
+    if fed.max_update_norm is not None:
+        raise FedscoreError(
+            "federation.max_update_norm bounds each reply's update, but under secure "
+            "aggregation the server never sees one reply's values to check it; remove it "
+            "(or turn federation.secure_aggregation off)")
     try:  # Flower's own checks of the settings (shares vs threshold, ranges)
         SecAggPlusWorkflow(**workflow_kwargs(sa))
     except (ValueError, TypeError) as err:

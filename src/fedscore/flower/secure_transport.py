@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -73,6 +73,20 @@ def stage_of(message: Message) -> str:
     return str(configs[Key.STAGE]) if configs is not None and Key.STAGE in configs else "?"
 
 
+class EarlyDropout(Exception):
+    """Nodes lost in SecAgg+'s setup or share-keys stage, before their key shares reached
+    anyone. Flower 1.42's workflow still counts them as sampled and, when unmasking, asks
+    the survivors for shares of their keys, which nobody holds (each survivor's ClientApp
+    fails with a KeyError and the round is lost; measured on loopback with a SuperNode
+    killed between rounds). So the transport stops there and restarts the setup without
+    them: new keys, nothing of any value sent yet, and a node that never shared a key is
+    simply not part of the round."""
+
+    def __init__(self, nodes: set[int]):
+        super().__init__(f"nodes {sorted(nodes)} dropped before SecAgg+'s keys were shared")
+        self.nodes = nodes
+
+
 class SecAggGrid:
     """The Grid the workflow talks to: the run's grid, but `send_and_receive` is the plain
     transport's bounded exchange (replies mapped back to nodes, polled every `poll` s, at
@@ -98,10 +112,14 @@ class SecAggGrid:
             self.failures.setdefault(node, f"SecAgg+ stage {stage}: {why}")
         up = {node: content_bytes(r.content) for node, r in replies.items()}
         self.up_by_node[stage] = up
-        self.bytes[stage] = {"down": down, "up": sum(up.values())}
+        done = self.bytes.setdefault(stage, {"down": 0, "up": 0})  # a restarted setup adds
+        done["down"] += down
+        done["up"] += sum(up.values())
         if self.observe is not None:
             for reply in replies.values():
                 self.observe(stage, reply)
+        if stage in (Stage.SETUP, Stage.SHARE_KEYS) and failures:
+            raise EarlyDropout(set(failures))
         return [replies[n] for n in sorted(replies)]
 
 
@@ -175,7 +193,25 @@ class SecureFlowerTransport:
                 f"secure aggregation needs {need} (SecAgg+'s reconstruction threshold); "
                 f"{self.folder_hint}start the SuperNodes and resume")
         secure.check_fits(params, sa, q)
-        strategy = EqEightStrategy(nodes, self.config_text, q, self.grid)
+        grid = SecAggGrid(self.grid, self.round_timeout, self.poll, self.observe)
+        alive = list(nodes)
+        while True:
+            strategy = EqEightStrategy(alive, self.config_text, q, self.grid)
+            try:
+                SecAggPlusWorkflow(**secure.workflow_kwargs(sa), timeout=self.round_timeout)(
+                    grid, self.context(strategy, params, q))
+                break
+            except EarlyDropout as lost:  # restart the setup without them (see EarlyDropout)
+                alive = [n for n in alive if n not in lost.nodes]
+                if len(alive) < need:
+                    strategy = EqEightStrategy(alive, self.config_text, q, self.grid)
+                    break
+        return self.outcome(q, params, nodes, strategy, grid, time.perf_counter() - t0)
+
+    @staticmethod
+    def context(strategy: EqEightStrategy, params: Params, q: int) -> LegacyContext:
+        """What SecAggPlusWorkflow reads: theta_q and the round in the state's records, and
+        the strategy (Flower's `LegacyContext`); a fresh one per workflow run."""
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={},
                                         state=RecordDict(), run_config={}), strategy=strategy)
         theta = [params[k].detach().to("cpu").numpy() for k in params]
@@ -183,10 +219,7 @@ class SecureFlowerTransport:
             {WorkflowKey.CURRENT_ROUND: q + 1})
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters(theta), True)
-        grid = SecAggGrid(self.grid, self.round_timeout, self.poll, self.observe)
-        SecAggPlusWorkflow(**secure.workflow_kwargs(sa), timeout=self.round_timeout)(
-            grid, context)
-        return self.outcome(q, params, nodes, strategy, grid, time.perf_counter() - t0)
+        return context
 
     def outcome(self, q: int, params: Params, nodes: list[int], strategy: EqEightStrategy,
                 grid: SecAggGrid, t_replies: float) -> RoundOutcome:
