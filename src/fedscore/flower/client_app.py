@@ -42,7 +42,11 @@ from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedscore import data as datasets
 from fedscore import runtime as runtimes
@@ -51,10 +55,20 @@ from fedscore.data import own
 from fedscore.errors import FedscoreError
 from fedscore.federated import state_from_tensors, state_to_tensors
 from fedscore.federated.setup import FederationSetup, prepare, worker_round
-from fedscore.flower import payload
+from fedscore.flower import payload, secure
 from fedscore.flower.records import flat_record, from_flat_record
 
-app = ClientApp()
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `secaggplus_mod` for the messages of a secure round (those that carry
+    SecAgg+'s config record: its four stages), the plain path for the others; so one
+    ClientApp serves both kinds of run."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def node_identity(node_config: dict, workers: int) -> int:
@@ -172,6 +186,8 @@ def process_age() -> float:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if "fitins.config" in msg.content.config_records:  # SecAgg+'s masked-vector stage
+        return secure_train(msg, context)
     startup = process_age()
     settings = msg.content["settings"]
     node_config = dict(context.node_config)
@@ -180,18 +196,16 @@ def train(msg: Message, context: Context) -> Message:
     f = prepared(str(settings["config"]), node_config)
     prep_seconds = time.perf_counter() - t_prep
     cfg = f.cfg
+    if cfg.federation.secure_aggregation or node_config.get("require-secagg"):
+        # a server asking a secure run's worker for its plain update is refused
+        raise FedscoreError(
+            "this worker answers only through SecAgg+ (the run config's "
+            "federation.secure_aggregation, or the node config's require-secagg), but the "
+            "server asked for a plain update; refused")
     q = int(settings["round"])
     pid = node_identity(node_config, cfg.federation.workers)
     params = from_flat_record(msg.content["global"], f.init_params)
-
-    opt_state = None
-    if "adam-m" in context.state and cfg.federation.adam_state == "keep":
-        opt_state = _load_state(context.state, f.init_params)
-    t0 = time.perf_counter()
-    theta, mask, state, losses = worker_round(f, params, q, pid, opt_state)
-    seconds = time.perf_counter() - t0
-    if state and cfg.federation.adam_state == "keep":
-        _store_state(context.state, state, f.init_params)
+    theta, mask, losses, seconds = _local_round(f, params, q, pid, context)
 
     seeded = cfg.federation.policy == "random"  # the server regenerates random masks
     arrays, kinds = payload.encode(theta, mask, seeded=seeded)
@@ -207,6 +221,57 @@ def train(msg: Message, context: Context) -> Message:
         "runtime": ConfigRecord(f.runtime.describe()),
     })
     return Message(content=content, reply_to=msg)
+
+
+def _local_round(f: FederationSetup, params: dict, q: int, pid: int, context: Context):
+    """Eq. 7 of worker `pid` from theta_q (`worker_round`), with its Adam moments kept in
+    the node's context state when the run keeps them: (theta, mask, losses, seconds)."""
+    keep = f.cfg.federation.adam_state == "keep"
+    opt_state = _load_state(context.state, f.init_params) if (
+        keep and "adam-m" in context.state) else None
+    t0 = time.perf_counter()
+    theta, mask, state, losses = worker_round(f, params, q, pid, opt_state)
+    seconds = time.perf_counter() - t0
+    if state and keep:
+        _store_state(context.state, state, f.init_params)
+    return theta, mask, losses, seconds
+
+
+def secure_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ round's COLLECT_MASKED_VECTORS stage, inside `secaggplus_mod`: theta_q and
+    the settings arrive as a legacy fit instruction; the worker runs the same eq. 7 and
+    answers its dense [s·θ⊙m, m, s·loss] (`secure.secure_vectors`) as a fit result with
+    num_examples 1, which the mod quantises and masks before it leaves the node. Only the
+    metrics (partition id, round, timings, device) travel in the clear."""
+    startup = process_age()
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    node_config = dict(context.node_config)
+    torch.set_num_threads(int(node_config.get("threads", 1)))
+    f = prepared(str(fitins.config["config"]), node_config)
+    fed = f.cfg.federation
+    if not fed.secure_aggregation:
+        raise FedscoreError("a SecAgg+ round for a run whose config has "
+                            "federation.secure_aggregation false; refused")
+    q = int(fitins.config["round"])
+    pid = node_identity(node_config, fed.workers)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    like = f.init_params
+    if len(arrays) != len(like) or any(
+            a.shape != tuple(v.shape) for a, v in zip(arrays, like.values())):
+        raise FedscoreError(f"theta_q arrived as {len(arrays)} arrays that do not fit this "
+                            "run's model; refused")
+    params = {k: torch.from_numpy(a.copy()).to(v.device, v.dtype)
+              for (k, v), a in zip(like.items(), arrays)}
+    theta, mask, losses, seconds = _local_round(f, params, q, pid, context)
+    try:
+        vectors = secure.secure_vectors(theta, mask, float(losses.mean()), fed.secagg)
+    except FedscoreError as err:
+        raise FedscoreError(f"SuperNode partition-id={pid}, round {q + 1}: {err}") from None
+    device = "/".join(str(v) for v in f.runtime.describe().values())
+    metrics = {"partition-id": pid, "round": q, "train-seconds": seconds,
+               "process-age-seconds": startup, "device": device}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, metrics)
+    return Message(content=compat.fitres_to_recorddict(fitres, False), reply_to=msg)
 
 
 def _store_state(store: RecordDict, state: dict, like: dict[str, torch.Tensor]) -> None:

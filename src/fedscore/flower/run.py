@@ -11,6 +11,11 @@ puts SuperNode n on its own device (node config `device`, e.g. one GPU per node)
 simulation runtime `client_cpus` / `client_gpus` are each virtual node's Ray resources
 (client_gpus 0.25: four virtual nodes share one GPU). The ServerApp stays on the CPU: it only
 adds sparse replies into eq. 8's sums, a few vector operations per round.
+
+`federation.secure_aggregation: true` runs the rounds through Flower's SecAgg+
+(flower/secure_transport.py, docs/privacy-secagg.md) on either deployment; its settings are
+checked here first (`secure.plan`). The in-process engine (`fedscore train`) has no secure
+path: it holds every worker's update in one process.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from fedscore.config import FederationConfig, RunConfig, dump_config
 from fedscore.errors import FedscoreError
+from fedscore.flower import secure
 from fedscore.flower.launch import (  # check_simulation_extra: also fi_run's
     LocalFlowerCluster,
     check_simulation_extra,
@@ -105,6 +111,8 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
     if client_gpus and not torch.cuda.is_available():
         raise FedscoreError(f"client GPUs {client_gpus} asked for, but this machine has no "
                             "CUDA device (Ray would start no virtual node); use --client-gpus 0")
+    if cfg.federation.secure_aggregation:
+        secure.plan(cfg)  # SecAgg+ settings it cannot run: refused before anything starts
     if simulation:
         check_simulation_extra()
     out = Path(out).resolve()

@@ -12,6 +12,10 @@ Faults: a SuperNode that dies, errors or answers with a payload that does not fi
 from that round; coverage and Gamma* are computed over the replies that arrived, coordinates
 nobody covered keep their value (`uncovered`), the round is logged as degraded, and the run
 goes on.
+
+`federation.secure_aggregation: true`: the rounds go through Flower's SecAgg+
+(`flower.secure_transport`): the server learns eq. 8's sums and counts, never one worker's
+values or mask.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from fedscore.config import config_from_text
 from fedscore.errors import FedscoreError
 from fedscore.federated.loop import RoundEvent, run_rounds
 from fedscore.federated.setup import model_setup
+from fedscore.flower import secure
+from fedscore.flower.secure_transport import SecureFlowerTransport
 from fedscore.flower.transport import FlowerTransport
 from fedscore.runs.federated import folder_hook, resume_state, save_final
 from fedscore.runs.folder import RunFolder
@@ -91,6 +97,8 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
     `[fedscore] ...` line on the server's log, for the launcher to report."""
     try:
         cfg = config_from_text(s.config)
+        if cfg.federation.secure_aggregation:
+            secure.plan(cfg)  # refuse settings SecAgg+ cannot run, before the folder opens
         setup = model_setup(cfg)
         folder = RunFolder.open(cfg, resume=s.resume, path=Path(s.out), token=token_of(s.config))
     except FedscoreError as err:
@@ -109,7 +117,9 @@ def _serve(grid: Grid, s: ServerSettings, setup, folder: RunFolder) -> Path:
     params, start, gamma_star = setup.init_params, 0, None
     if s.resume:
         params, _, start, gamma_star = resume_state(folder, params)
-    transport = FlowerTransport(
+    # the same loop, hooks and run folder either way; only the transport differs
+    kind = SecureFlowerTransport if fed.secure_aggregation else FlowerTransport
+    transport = kind(
         grid, setup, s.config, round_timeout=s.round_timeout, start_wait=s.start_wait,
         node_wait=s.node_wait, min_nodes=s.min_nodes, min_replies=s.min_replies, poll=s.poll,
         folder_hint=f"the checkpoint is kept in {str(folder.checkpoint)!r}: ",
