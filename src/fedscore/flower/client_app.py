@@ -49,6 +49,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedscore import data as datasets
+from fedscore import privacy
 from fedscore import runtime as runtimes
 from fedscore.config import OWN_DATA, RunConfig, config_from_text
 from fedscore.data import own
@@ -217,10 +218,19 @@ def train(msg: Message, context: Context) -> Message:
             "loss": float(losses.mean()), "kept": kept, "num-examples": len(f.parts[pid]),
             "payload-bytes": payload.nbytes(arrays), "train-seconds": seconds,
             "process-age-seconds": startup, "prepare-seconds": prep_seconds,
-        }),
+        } | own_epsilon(f, q, pid)),
         "runtime": ConfigRecord(f.runtime.describe()),
     })
     return Message(content=content, reply_to=msg)
+
+
+def own_epsilon(f: FederationSetup, q: int, pid: int) -> dict:
+    """privacy mode sample: this worker's epsilon after round q (its DP-SGD ran here, on
+    data only it knows the size of), reported to the server; {} otherwise."""
+    plan = f.privacy
+    if plan is None or plan.mode != "sample":
+        return {}
+    return {"epsilon": float(plan.worker_epsilons(q + 1)[pid])}
 
 
 def _local_round(f: FederationSetup, params: dict, q: int, pid: int, context: Context):
@@ -263,13 +273,19 @@ def secure_train(msg: Message, context: Context) -> Message:
     params = {k: torch.from_numpy(a.copy()).to(v.device, v.dtype)
               for (k, v), a in zip(like.items(), arrays)}
     theta, mask, losses, seconds = _local_round(f, params, q, pid, context)
+    noise, plan = None, f.privacy
+    if plan is not None and plan.clips_updates:  # DP-FedAvg: the worker clips its update,
+        # since under SecAgg+ nobody else ever sees it; and adds its share of the noise
+        theta, _ = privacy.clip_update(theta, params, mask, plan.clip)
+        if plan.noise == "distributed":
+            noise = privacy.dense_noise(plan, q, pid, theta)
     try:
-        vectors = secure.secure_vectors(theta, mask, float(losses.mean()), fed.secagg)
+        vectors = secure.secure_vectors(theta, mask, float(losses.mean()), fed.secagg, noise)
     except FedscoreError as err:
         raise FedscoreError(f"SuperNode partition-id={pid}, round {q + 1}: {err}") from None
     device = "/".join(str(v) for v in f.runtime.describe().values())
     metrics = {"partition-id": pid, "round": q, "train-seconds": seconds,
-               "process-age-seconds": startup, "device": device}
+               "process-age-seconds": startup, "device": device} | own_epsilon(f, q, pid)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vectors), 1, metrics)
     return Message(content=compat.fitres_to_recorddict(fitres, False), reply_to=msg)
 

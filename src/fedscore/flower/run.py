@@ -113,6 +113,7 @@ def run_flower(cfg: RunConfig, out: Path, *, deployment: str = "loopback",
                             "CUDA device (Ray would start no virtual node); use --client-gpus 0")
     if cfg.federation.secure_aggregation:
         secure.plan(cfg)  # SecAgg+ settings it cannot run: refused before anything starts
+    secure.check_privacy(cfg)  # privacy settings that would not protect what they claim
     if simulation:
         check_simulation_extra()
     out = Path(out).resolve()

@@ -151,8 +151,8 @@ def _flat(tensors: Params, names: list[str]) -> np.ndarray:
                            for k in names]) if names else np.zeros(0)
 
 
-def secure_vectors(theta: Params, mask: Params, loss: float, sa: SecAggConfig
-                   ) -> list[np.ndarray]:
+def secure_vectors(theta: Params, mask: Params, loss: float, sa: SecAggConfig,
+                   noise: Params | None = None) -> list[np.ndarray]:
     """One worker's SecAgg+ contribution: [s·(theta ⊙ m) (D,), m (D,), s·loss (1,)], float64,
     coordinates in the order of `theta`'s names (the order of the model's state dict, which
     server and workers build alike). The place to clip and noise the update for client-level
@@ -162,6 +162,9 @@ def secure_vectors(theta: Params, mask: Params, loss: float, sa: SecAggConfig
     SecAgg+'s [-c, c] (the reply fails; the server sees it as a dropout with that reason)."""
     names = list(theta)
     kept = {k: torch.where(mask[k].to(theta[k].device), theta[k].detach(), 0) for k in names}
+    if noise is not None:  # DP-FedAvg's distributed share: on EVERY coordinate (the sum of
+        # all N shares is N(0, (z C)^2) wherever any worker kept the coordinate)
+        kept = {k: v + noise[k].to(v.device, v.dtype) for k, v in kept.items()}
     values = _flat(kept, names) * sa.scale
     m = _flat({k: mask[k].to(torch.float64) for k in names}, names)
     loss_s = np.array([float(loss) * sa.scale])
@@ -245,3 +248,26 @@ def unavailable() -> dict:
     """The round record's per-worker fields the server cannot know under SecAgg+."""
     return {"w2": None, "keep_fraction": None, "bytes_sent": None, "bytes_received": None,
             "worker_loss": None}
+
+
+def check_privacy(cfg) -> None:
+    """Differential privacy on Flower, one FedscoreError per combination that would not
+    protect what it claims: distributed noise without secure aggregation (the server would
+    see every worker's update with only its 1/sqrt(N) share of the noise), and
+    federation.max_update_norm with privacy mode client (the clip bounds the update; a
+    second, dropping bound would change the mechanism the accountant counts)."""
+    p = getattr(cfg, "privacy", None)
+    if p is None:
+        return
+    fed = cfg.federation
+    if p.mode == "client" and p.noise == "distributed" and not fed.secure_aggregation:
+        raise FedscoreError(
+            "privacy.noise: distributed gives each worker 1/sqrt(N) of the noise, which "
+            "protects the sum only if nobody sees one worker's update: turn on "
+            "federation.secure_aggregation, or use privacy.noise: central (the server clips "
+            "and noises)")
+    if p.mode == "client" and fed.max_update_norm is not None:
+        raise FedscoreError(
+            "privacy.mode client clips every update to privacy.clip; drop "
+            "federation.max_update_norm (a reply beyond it would be dropped, a mechanism "
+            "the accountant does not count)")

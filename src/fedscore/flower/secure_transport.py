@@ -253,6 +253,11 @@ class SecureFlowerTransport:
             "bytes_dense_fedavg_up_total": dense * n,
             "secagg_bytes": grid.bytes,
         }
+        eps = {str(int(m.get("partition-id", -1))): float(m["epsilon"])
+               for _, m in sorted(metrics.items())
+               if isinstance(m.get("epsilon"), (int, float)) and float(m["epsilon"]) >= 0}
+        if eps:  # privacy mode sample: each worker's own accounting, reported in the clear
+            record |= {"epsilon": max(eps.values()), "worker_epsilon_reported": eps}
         p = secure.flower_shares(sa, len(nodes))
         info = {"shares": p.shares, "threshold": p.threshold, "neighbours": p.neighbours}
         if strategy.mean is None or n < max(self.min_replies, 1):

@@ -33,6 +33,7 @@ from fedscore.federated.setup import model_setup
 from fedscore.flower import secure
 from fedscore.flower.secure_transport import SecureFlowerTransport
 from fedscore.flower.transport import FlowerTransport
+from fedscore.privacy import plan_for
 from fedscore.runs.federated import folder_hook, resume_state, save_final
 from fedscore.runs.folder import RunFolder
 
@@ -99,6 +100,7 @@ def run_server(grid: Grid, s: ServerSettings) -> Path:
         cfg = config_from_text(s.config)
         if cfg.federation.secure_aggregation:
             secure.plan(cfg)  # refuse settings SecAgg+ cannot run, before the folder opens
+        secure.check_privacy(cfg)
         setup = model_setup(cfg)
         folder = RunFolder.open(cfg, resume=s.resume, path=Path(s.out), token=token_of(s.config))
     except FedscoreError as err:
@@ -117,6 +119,13 @@ def _serve(grid: Grid, s: ServerSettings, setup, folder: RunFolder) -> Path:
     params, start, gamma_star = setup.init_params, 0, None
     if s.resume:
         params, _, start, gamma_star = resume_state(folder, params)
+    # DP-FedAvg (privacy mode client) is the server's to account and, with central noise,
+    # to noise (the loop's one noise step); DP-SGD (mode sample) runs and is accounted on the
+    # workers, which alone know their data's size: the server logs their epsilons
+    plan = plan_for(setup.cfg) if setup.cfg.privacy and setup.cfg.privacy.mode == "client" \
+        else None
+    if plan is not None:
+        folder.write_json("privacy.json", plan.summary())
     # the same loop, hooks and run folder either way; only the transport differs
     kind = SecureFlowerTransport if fed.secure_aggregation else FlowerTransport
     transport = kind(
@@ -124,10 +133,12 @@ def _serve(grid: Grid, s: ServerSettings, setup, folder: RunFolder) -> Path:
         node_wait=s.node_wait, min_nodes=s.min_nodes, min_replies=s.min_replies, poll=s.poll,
         folder_hint=f"the checkpoint is kept in {str(folder.checkpoint)!r}: ",
     )
+    if not fed.secure_aggregation:
+        transport.privacy = plan  # the server clips each accepted update (central noise)
     out = run_rounds(
         params, transport, rounds=fed.rounds, start=start, gamma_star=gamma_star,
         uncovered=fed.uncovered, hooks=[print_hook(fed.rounds), folder_hook(folder)],
-        diverged_hint=lambda: folder.recovery("round", "federation.lr"),
+        diverged_hint=lambda: folder.recovery("round", "federation.lr"), privacy=plan,
     )
     save_final(folder, out.params)
     folder.write_json("flower.json", {"rounds": fed.rounds, "gamma_star": out.gamma_star,

@@ -32,6 +32,7 @@ from fedscore.federated.loop import RoundOutcome
 from fedscore.federated.setup import ModelSetup
 from fedscore.flower import payload, validate
 from fedscore.flower.records import flat_record
+from fedscore.privacy import PrivacyPlan, clip_reply
 
 Params = dict[str, Tensor]
 
@@ -93,6 +94,9 @@ class FlowerTransport:
     min_replies: int = 1
     poll: float = 0.5
     folder_hint: str = ""
+    privacy: PrivacyPlan | None = None
+    """mode client, noise central: every accepted reply's update is clipped here, before
+    eq. 8's sums (the loop adds the noise)."""
     _first: bool = field(default=True, init=False)
     # partition binding (`bind`): partition id -> node id and back, from accepted replies
     _node_of: dict[int, int] = field(default_factory=dict, init=False)
@@ -149,8 +153,13 @@ class FlowerTransport:
 
         sums = {k: torch.zeros_like(v) for k, v in params.items()}
         counts = {k: torch.zeros(v.shape, dtype=torch.long) for k, v in params.items()}
+        clipped = []
         for r in accepted:
-            payload.add_kept(sums, counts, r.masks, r.kept)
+            kept = r.kept
+            if self.privacy is not None:
+                kept, was = clip_reply(self.privacy, r.kept, r.masks, expect.theta)
+                clipped.append(was)
+            payload.add_kept(sums, counts, r.masks, kept)
         arrived = [r.pid for r in accepted]
         up = [r.nbytes for r in accepted]
         train_s = [r.train_seconds for r in accepted]
@@ -167,6 +176,9 @@ class FlowerTransport:
             "bytes_up": up, "bytes_up_total": sum(up), "bytes_down_total": dense * len(nodes),
             "bytes_dense_fedavg_up_total": dense * len(arrived),
         }
+        if clipped:
+            record["clipped_fraction"] = sum(clipped) / len(clipped)
+        record |= reported_epsilons(accepted)
         enough = len(arrived) >= self.min_replies
         return RoundOutcome(sums=sums if enough else None, counts=counts if enough else None,
                             masks=[r.masks for r in accepted], workers=arrived,
@@ -212,6 +224,16 @@ class FlowerTransport:
                 self._node_of[pid], self._partition_of[node] = node, pid
                 accepted.append(checked[node])
         return sorted(accepted, key=lambda r: self._node_of[r.pid])
+
+
+def reported_epsilons(accepted) -> dict:
+    """privacy mode sample on Flower: each worker accounts its own DP-SGD (it alone knows its
+    data's size) and reports its epsilon; the round records them and their maximum, marked
+    as the workers' reports."""
+    eps = {str(r.pid): r.epsilon for r in accepted if r.epsilon is not None}
+    if not eps:
+        return {}
+    return {"epsilon": max(eps.values()), "worker_epsilon_reported": eps}
 
 
 def _reason(err: Exception) -> str:

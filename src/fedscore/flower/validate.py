@@ -47,7 +47,7 @@ RECORDS = {"payload": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord
 OPTIONAL_RECORDS = {"runtime": ConfigRecord}
 META_KEYS = {"partition-id", "round", "kinds"}
 METRIC_KEYS = {"loss", "kept", "num-examples", "payload-bytes", "train-seconds",
-               "process-age-seconds", "prepare-seconds"}
+               "process-age-seconds", "prepare-seconds", "epsilon"}
 RUNTIME_KEYS = {"device", "precision"}
 RUNTIME_CHARS = 64  # a device or precision name; it is copied into the round record
 NPY_HEADER = 4096  # bytes a .npy header may add to an array's data (numpy writes ~128)
@@ -103,6 +103,9 @@ class Checked:
     startup_seconds: float
     nbytes: int
     device: str
+    epsilon: float | None = None
+    """privacy mode sample: the worker's own epsilon after this round (its DP-SGD runs where
+    its data are; the worker's report, logged as such)."""
 
 
 def check_reply(reply: Message, e: Expected) -> Checked:
@@ -111,13 +114,14 @@ def check_reply(reply: Message, e: Expected) -> Checked:
     check_layout(content)
     pid, kinds = check_meta(content["meta"], e)
     loss, train_s, start_s = check_metrics(content["metrics"])
+    epsilon = check_epsilon(content["metrics"])
     device = check_runtime(content["runtime"]) if "runtime" in content else ""
     arrays = content["payload"]
     masks = check_masks(arrays, kinds, pid, e)
     kept = check_values(arrays, masks, e)
     check_update_norm(kept, masks, e)
     nbytes = sum(len(a.data) for a in arrays.values())
-    return Checked(pid, masks, kept, loss, train_s, start_s, nbytes, device)
+    return Checked(pid, masks, kept, loss, train_s, start_s, nbytes, device, epsilon)
 
 
 def check_layout(content) -> None:
@@ -193,6 +197,16 @@ def check_metrics(metrics: MetricRecord) -> tuple[float, float, float]:
         raise Rejected(f"non-finite loss {values['loss']}")
     return (values["loss"], values.get("train-seconds", math.nan),
             values.get("process-age-seconds", math.nan))
+
+
+def check_epsilon(metrics: MetricRecord) -> float | None:
+    """A worker's reported epsilon: absent, or a number >= 0 (inf allowed: no noise)."""
+    if "epsilon" not in metrics:
+        return None
+    eps = _number(metrics["epsilon"], "metric 'epsilon'")
+    if math.isnan(eps) or eps < 0:
+        raise Rejected(f"epsilon {eps} is not a number >= 0")
+    return eps
 
 
 def check_runtime(runtime: ConfigRecord) -> str:

@@ -16,6 +16,7 @@ from fedscore.privacy.plan import (
     RoundPrivacy,
     client_contribution,
     clip_reply,
+    dense_noise,
     plan_for,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "clip_reply",
     "clip_rows",
     "clip_update",
+    "dense_noise",
     "epsilon",
     "gaussian_noise",
     "noise_for",

@@ -221,7 +221,7 @@ class RoundPrivacy:
         with torch.no_grad():
             out = dict(sums)
             for n in self.workers:
-                share = _dense_noise(self.plan, self.q, n, sums)
+                share = dense_noise(self.plan, self.q, n, sums)
                 out = {k: v + share[k] for k, v in out.items()}
         return out
 
@@ -234,7 +234,7 @@ class RoundPrivacy:
         return {}
 
 
-def _dense_noise(plan: PrivacyPlan, q: int, worker: int, like: Params) -> Params:
+def dense_noise(plan: PrivacyPlan, q: int, worker: int, like: Params) -> Params:
     """Worker n's distributed noise share for every tensor, drawn from one generator in the
     model's order (one seed per (round, worker))."""
     g = seeded_generator(noise_seed(plan.noise_key, q, worker))
@@ -256,7 +256,7 @@ def client_contribution(plan: PrivacyPlan, q: int, worker: int, theta: Params,
         return theta, False
     clipped, norm = clip_update(theta, theta_q, mask, plan.clip)
     if plan.noise == "distributed":
-        share = _dense_noise(plan, q, worker, clipped)
+        share = dense_noise(plan, q, worker, clipped)
         clipped = {k: v + share[k] for k, v in clipped.items()}
     return clipped, norm > plan.clip
 

@@ -218,6 +218,11 @@ def train_federated(
     """Run cfg.federation's rounds in this process on `runtime` (device, precision;
     default: the config's, resolved); returns the final global model (and, with `privacy`,
     its epsilon; every round's record has epsilon, z, C and the clipped fraction)."""
+    if isinstance(cfg.federation, FederationConfig) and cfg.federation.secure_aggregation:
+        raise FedscoreError(
+            "federation.secure_aggregation: true runs on Flower's SecAgg+: use `fedscore "
+            "flower run --config ...` (the in-process engine holds every worker's update in "
+            "one process, so there is nothing to hide them from)")
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)  # config.yaml records the resolved device and precision
     f = prepare(cfg, runtime=runtime)
