@@ -95,7 +95,7 @@ def test_secure_rounds_equal_the_plain_run_within_the_summed_bounds(tmp_path, on
     """3 rounds with SGD and seeded random masks: the quantisation errors of the rounds add
     up (SGD does not magnify them; the masks do not depend on theta), so theta_Q is within
     about Q bounds of the plain run. (Adam magnifies them: m / sqrt(v) of a coordinate with
-    tiny gradients, and a top-k mask may flip at a near-tie; docs/privacy-secagg.md.)"""
+    tiny gradients, and a top-k mask may flip at a near-tie; docs/privacy.md.)"""
     cfg = secure_config(tmp_path, rounds=3, optimizer="sgd", policy="random")
     params, logged = secure_run(cfg, LocalGrid(3))
     reference = plain_reference(cfg)

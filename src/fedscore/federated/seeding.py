@@ -30,10 +30,11 @@ def step_seed(run_seed: int, round_: int, worker: int, step: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def noise_seed(run_seed: int, round_: int, worker: int, step: int = -1) -> int:
+def noise_seed(key: int, round_: int, worker: int, step: int = -1) -> int:
     """The seed of differential privacy's Gaussian noise in round q: worker >= 0 and step >= 0
     for DP-SGD's noise at a local step, step -1 for a worker's distributed share of
-    DP-FedAvg's noise, worker -1 for the server's central noise. A 63-bit hash like
+    DP-FedAvg's noise, worker -1 for the server's central noise. `key` is the privacy plan's
+    secret (`privacy.plan.noise_key`), never the public run seed. A 63-bit hash like
     `step_seed`, on its own stream (NOISE), so training's draws are unchanged by privacy."""
-    key = f"{run_seed}:{round_}:{worker}:{NOISE}:{step}".encode()
+    key = f"{key}:{round_}:{worker}:{NOISE}:{step}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1

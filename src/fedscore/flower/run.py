@@ -13,7 +13,7 @@ simulation runtime `client_cpus` / `client_gpus` are each virtual node's Ray res
 adds sparse replies into eq. 8's sums, a few vector operations per round.
 
 `federation.secure_aggregation: true` runs the rounds through Flower's SecAgg+
-(flower/secure_transport.py, docs/privacy-secagg.md) on either deployment; its settings are
+(flower/secure_transport.py, docs/privacy.md) on either deployment; its settings are
 checked here first (`secure.plan`). The in-process engine (`fedscore train`) has no secure
 path: it holds every worker's update in one process.
 """

@@ -1,7 +1,7 @@
 """Differential privacy for the silos (issue 19): DP-FedAvg (mode client: each worker's
 update clipped over its kept coordinates, Gaussian noise on eq. 8's sum, central or
 distributed) and DP-SGD (mode sample: clipped per-sample gradients plus noise in eq. 7's
-local steps), accounted by Opacus' accountants (docs/privacy-dp.md).
+local steps), accounted by Opacus' accountants (docs/privacy.md).
 
 Pure functions (`clip`, `accountant`, `dpsgd`) and the run's plan (`plan`): what the round
 loop (`privatize`, `record`), the in-process transport (`RoundPrivacy`) and a Flower worker

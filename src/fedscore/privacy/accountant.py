@@ -18,7 +18,7 @@ What T and q are in fedscore (`privacy.plan`):
 
 Opacus assumes Poisson subsampling; fedscore draws fixed-size batches (with replacement,
 `federated.batches`), the usual practice in DP-SGD code, whose amplification the Poisson
-analysis only approximates (docs/privacy-dp.md says so).
+analysis only approximates (docs/privacy.md says so).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ EPSILON_TOLERANCE = 0.01
 def _quiet() -> None:
     """Inside catch_warnings: PRV at q = 1 takes log(0) on its way to the plain Gaussian
     (harmless); RDP warns when its largest default order is the best one, i.e. its epsilon
-    is an upper bound that more orders could tighten (conservative; docs/privacy-dp.md)."""
+    is an upper bound that more orders could tighten (conservative; docs/privacy.md)."""
     warnings.simplefilter("ignore", RuntimeWarning)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 

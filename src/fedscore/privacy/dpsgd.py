@@ -71,7 +71,7 @@ def per_sample_clipped_sum(loss_flat: Callable, clip: float):
 @dataclass(frozen=True)
 class DPSGD:
     """DP-SGD's step gradient for the workers `workers` (ids, in the order of the stacked
-    axis) in round `round_`: clip C, noise multiplier z, noise seeded by the run seed."""
+    axis) in round `round_`: clip C, noise multiplier z, noise keyed by the plan's secret key."""
 
     clip: float
     noise_multiplier: float

@@ -325,7 +325,7 @@ def report_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Pa
         lines += ["## Differential privacy", ""]
         lines += _table(["", *names], private)
         lines += ["", "ε at δ by Opacus' accountant (privacy.accountant), counted after every "
-                  "round (metrics.jsonl); docs/privacy-dp.md says what it protects."]
+                  "round (metrics.jsonl); docs/privacy.md says what it protects."]
         lines.append("")
 
     lines += ["## Samples", ""]
