@@ -105,6 +105,9 @@ def finetune(run: Path, tmp: Path, rounds: int) -> None:
     print("|---|---:|---:|---:|")
     for label, pretrained in (("seeded init", None), (f"pretrained ({run.name})", str(pipe))):
         model = {**raw["model"], "pretrained": pretrained}
+        if pretrained:  # the folder fixes the architecture: only adapter options remain
+            model["options"] = {k: v for k, v in raw["model"]["options"].items()
+                                if k in ("T", "time_map", "delta", "label_encoding")}
         cfg = load_config(None, **{**raw, "name": f"ft-{'pre' if pretrained else 'init'}",
                                    "out_dir": str(tmp / "runs"), "model": model,
                                    "federation": {**raw["federation"], "rounds": rounds,

@@ -81,6 +81,12 @@ COMMANDS: dict[str, tuple] = {
     "fedscore flower run --config configs/flower-toy.yaml --tls --auth --out runs/flower-secure": (
         "test", "tests/flower/test_flower_loopback.py::test_tls_and_supernode_authentication"),
     "fedscore flower app flower-app": ("run", []),
+    "fedscore flower run --config configs/flower-toy.yaml --set federation.secure_aggregation=true"
+    " --deployment simulation --out runs/flower-secagg": (
+        "test", "tests/flower/test_secagg_flower.py::test_simulation_secure_run_equals_plain"),
+    "fedscore train --config configs/flower-toy.yaml --set privacy.mode=client"
+    " --set privacy.clip=0.1 --set privacy.target_epsilon=8 --out runs/dp-toy": ("run", []),
+    "fedscore report runs/dp-toy --out runs/dp-report": ("run", []),
 }
 
 
