@@ -14,7 +14,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fedscore.cli import EXPORT_FORMATS, app, main, package_version
+from cli_harness import run_main
+from fedscore.cli import EXPORT_FORMATS, app, package_version
 from fedscore.errors import FedscoreError
 from fedscore.runs.evaluate import EVAL, eval_path
 
@@ -23,18 +24,6 @@ TINY = ["--set", "train.steps=2", "--set", "train.eval_batch=4", "--set",
         "model.options={hidden: 8, depth: 1}", "--set", "diffusion.steps=5"]
 
 
-def run_main(monkeypatch, capsys, cwd: Path, *args: str):
-    """`fedscore ARGS` through the entry point, in this process, from `cwd`: (exit code,
-    stdout, stderr) as a shell sees them."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["fedscore", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def files_under(root: Path) -> set[str]:

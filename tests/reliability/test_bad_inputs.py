@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import fedscore
-from fedscore.cli import main
+from cli_harness import run_main
 
 SRC = str(Path(fedscore.__file__).resolve().parents[1])  # this checkout's code, from any folder
 
@@ -19,17 +19,6 @@ def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def run_main(monkeypatch, capsys, cwd: Path, *args: str):
-    """`fedscore ARGS` in this process, from `cwd`: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["fedscore", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import pytest
 from safetensors.torch import load_file
 
 import fedscore
-from fedscore.cli import fault_message, main
+from cli_harness import run_main
+from fedscore.cli import fault_message
 from fedscore.config import load_config
 from fedscore.data import sources
 from fedscore.federated.setup import prepare, size_notes
@@ -29,15 +30,6 @@ TINY = ["--set", "model.options={hidden: 8, depth: 1}", "--set", "train.eval_bat
 SRC = str(Path(fedscore.__file__).resolve().parents[1])  # this checkout's code, from any folder
 
 
-def run_main(monkeypatch, capsys, *args: str):
-    monkeypatch.setattr(sys, "argv", ["fedscore", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------- a full disk
@@ -47,7 +39,7 @@ def test_a_full_disk_mid_resume_is_one_message_and_the_checkpoint_is_untouched(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEDSCORE_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    code, _, err = run_main(monkeypatch, capsys, "train", "--out", str(run), "--set",
+    code, _, err = run_main(monkeypatch, capsys, None, "train", "--out", str(run), "--set",
                             "train.steps=2", *TINY)
     assert code == 0, err
     saved = (run / "checkpoint.safetensors").read_bytes()
@@ -56,7 +48,7 @@ def test_a_full_disk_mid_resume_is_one_message_and_the_checkpoint_is_untouched(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    code, out, err = run_main(monkeypatch, capsys, "train", "--out", str(run), "--resume",
+    code, out, err = run_main(monkeypatch, capsys, None, "train", "--out", str(run), "--resume",
                               "--set", "train.steps=4", *TINY)
     monkeypatch.undo()
     assert code == 2
