@@ -1,8 +1,7 @@
 """`fedscore flower run` with `federation.secure_aggregation: true` on Flower's real
-processes: configs/flower-toy.yaml through SecAgg+ on loopback (a SuperLink and 3
-SuperNodes) and on the simulation runtime equals the plain in-process run within the
-summed quantisation bounds, and a SuperNode killed mid-run is survived (3 workers, SecAgg+
-threshold 2). Every process is stopped by its PID (`LocalFlowerCluster`)."""
+processes: configs/flower-toy.yaml through SecAgg+ on the simulation runtime equals the
+plain in-process run within the summed quantisation bounds, and on loopback (a SuperLink
+and 3 SuperNodes) a SuperNode killed mid-run is survived (3 workers, SecAgg+ threshold 2). Every process is stopped by its PID (`LocalFlowerCluster`)."""
 
 from __future__ import annotations
 
@@ -70,19 +69,14 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_loopback_secure_run_equals_plain_and_survives_a_killed_supernode(tmp_path):
-    """One loopback federation of 3 SuperNodes: a 2-round secure run equals the plain
-    in-process run; then a 3-round secure run loses SuperNode 2 (killed by its PID after
-    round 1): rounds 2 and 3 are unmasked from the 2 survivors (threshold 2), logged as
-    degraded with the failure, and the checkpoint holds a finite model."""
+def test_loopback_secure_run_survives_a_killed_supernode(tmp_path):
+    """A loopback federation of 3 SuperNodes, a 2-round secure run: SuperNode 2 is killed by
+    its PID after round 1; round 2 is unmasked from the 2 survivors (threshold 2), logged as
+    degraded with the failure, and the checkpoint holds a finite model. (Equality with the
+    plain run is the simulation test's below and test_secagg_rounds': loopback adds only
+    per-message process starts, ~11 s each, four SecAgg+ stages a round.)"""
     with LocalFlowerCluster(tmp_path / "home", nodes=3) as fed:
-        cfg = toy(tmp_path, "secure-loopback")
-        out = tmp_path / "secure-loopback"
-        done = fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=900)
-        assert (out / "flower.json").is_file(), done.stdout[-3000:]
-        assert_equals_plain(out, cfg)
-
-        cfg = toy(tmp_path, "secure-dropout", rounds=3)
+        cfg = toy(tmp_path, "secure-dropout", rounds=2)
         out = tmp_path / "secure-dropout"
         settings = server_settings(cfg, out, round_timeout=120)
         result = {}
@@ -97,14 +91,14 @@ def test_loopback_secure_run_equals_plain_and_survives_a_killed_supernode(tmp_pa
             thread.join(timeout=1050)
         assert (out / "flower.json").is_file(), result.get("run")
     logged = records(out)
-    assert [r["round"] for r in logged] == [1, 2, 3]
+    assert [r["round"] for r in logged] == [1, 2]
     assert logged[0]["replies"] == 3 and not logged[0]["degraded"]
-    for r in logged[1:]:
-        assert r["replies"] == 2 and r["degraded"] and r["workers"] == [0, 1]
-        assert r["missing_workers"] == [2]
-        assert r["loss"] == r["loss"]  # a finite loss: the round was unmasked
+    r = logged[1]
+    assert r["replies"] == 2 and r["degraded"] and r["workers"] == [0, 1]
+    assert r["missing_workers"] == [2]
+    assert r["loss"] == r["loss"]  # a finite loss: the round was unmasked
     tensors, state = load_checkpoint(out / "checkpoint.safetensors")
-    assert state["round"] == 3
+    assert state["round"] == 2
     assert all(torch.isfinite(v).all() for v in tensors.values())
 
 
