@@ -1,7 +1,8 @@
 """`fedscore flower run` with `federation.secure_aggregation: true` on Flower's real
 processes: configs/flower-toy.yaml through SecAgg+ on the simulation runtime equals the
 plain in-process run within the summed quantisation bounds, and on loopback (a SuperLink
-and 3 SuperNodes) a SuperNode killed mid-run is survived (3 workers, SecAgg+ threshold 2). Every process is stopped by its PID (`LocalFlowerCluster`)."""
+and 3 SuperNodes) a SuperNode killed mid-run is survived (3 workers, SecAgg+ threshold 2).
+Every process is stopped by its PID (`LocalFlowerCluster`)."""
 
 from __future__ import annotations
 
