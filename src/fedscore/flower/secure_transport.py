@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -39,9 +39,8 @@ from torch import Tensor
 
 from fedscore.errors import FedscoreError
 from fedscore.federated.loop import RoundOutcome
-from fedscore.federated.setup import ModelSetup
 from fedscore.flower import secure
-from fedscore.flower.transport import exchange, wait_for_nodes
+from fedscore.flower.transport import FlowerRounds, exchange
 
 Params = dict[str, Tensor]
 Observer = Callable[[str, Message], None]
@@ -162,30 +161,17 @@ class EqEightStrategy(Strategy):
 
 
 @dataclass
-class SecureFlowerTransport:
+class SecureFlowerTransport(FlowerRounds):
     """Rounds over the SuperNodes of `grid` through SecAgg+ (the settings of
     `setup.fed.secagg`); the same waits and failure handling as `FlowerTransport`."""
 
-    grid: Grid
-    setup: ModelSetup
-    config_text: str
-    round_timeout: float = 600.0
-    start_wait: float = 120.0
-    node_wait: float = 10.0
-    min_nodes: int = 0  # 0: all workers
-    min_replies: int = 1
-    poll: float = 0.5
-    folder_hint: str = ""
     observe: Observer | None = None
-    _first: bool = field(default=True, init=False)
 
     def run_round(self, q: int, params: Params) -> RoundOutcome:
         fed = self.setup.fed
         sa = fed.secagg
         t0 = time.perf_counter()
-        wait = self.start_wait if self._first else self.node_wait
-        self._first = False
-        nodes = wait_for_nodes(self.grid, self.min_nodes or fed.workers, wait, self.poll)
+        nodes, wait = self.connected()
         need = max(self.min_replies, secure.flower_shares(sa, fed.workers).threshold)
         if len(nodes) < need:
             raise FedscoreError(

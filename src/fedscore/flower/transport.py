@@ -79,10 +79,11 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float
 
 
 @dataclass
-class FlowerTransport:
-    """Rounds over the SuperNodes of `grid`. config_text: the resolved fedscore config every
-    worker builds its setup from; setup: the server's data-free model setup (random masks are
-    regenerated from their seeds, nothing about them is sent)."""
+class FlowerRounds:
+    """What every Flower transport shares (the plain one below, SecAgg+'s in
+    secure_transport.py): the grid, the run's setup and config text, and the waits.
+    config_text: the resolved fedscore config every worker builds its setup from; setup: the
+    server's data-free model setup."""
 
     grid: Grid
     setup: ModelSetup
@@ -94,20 +95,33 @@ class FlowerTransport:
     min_replies: int = 1
     poll: float = 0.5
     folder_hint: str = ""
+    _first: bool = field(default=True, init=False)
+
+    def connected(self) -> tuple[list[int], float]:
+        """(the SuperNodes connected for this round, the seconds waited for them): the
+        first round waits start_wait for all of them, later rounds node_wait."""
+        wait = self.start_wait if self._first else self.node_wait
+        self._first = False
+        nodes = wait_for_nodes(self.grid, self.min_nodes or self.setup.fed.workers, wait,
+                               self.poll)
+        return nodes, wait
+
+
+@dataclass
+class FlowerTransport(FlowerRounds):
+    """Rounds over the SuperNodes of `grid` (random masks are regenerated from their seeds,
+    nothing about them is sent)."""
+
     privacy: PrivacyPlan | None = None
     """mode client, noise central: every accepted reply's update is clipped here, before
     eq. 8's sums (the loop adds the noise)."""
-    _first: bool = field(default=True, init=False)
     # partition binding (`bind`): partition id -> node id and back, from accepted replies
     _node_of: dict[int, int] = field(default_factory=dict, init=False)
     _partition_of: dict[int, int] = field(default_factory=dict, init=False)
 
     def run_round(self, q: int, params: Params) -> RoundOutcome:
-        fed = self.setup.fed
         t0 = time.perf_counter()
-        wait = self.start_wait if self._first else self.node_wait
-        self._first = False
-        nodes = wait_for_nodes(self.grid, self.min_nodes or fed.workers, wait, self.poll)
+        nodes, wait = self.connected()
         if len(nodes) < self.min_replies:
             raise FedscoreError(
                 f"round {q + 1}: only {len(nodes)} SuperNode(s) connected after {wait:g} s "
