@@ -121,3 +121,18 @@ def test_a_plan_that_cannot_run_writes_no_run_folder(tmp_path, privacy, fed, mes
     with pytest.raises(FedscoreError, match=message):
         train_federated(cfg, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_dp_sgd_in_bf16_on_the_cpu_is_one_clear_error_before_any_file(tmp_path):
+    """DP-SGD's per-sample gradients are a vmap of grad, which fails under CPU autocast in
+    this torch: refused with the fix, like the engine's vmap strategy, nothing written."""
+    from fedscore.runtime import resolve
+
+    cfg = load_config(None, name="dp-bf16", out_dir=str(tmp_path / "runs"),
+                      data={"name": "gmm:ring8"}, model={"options": {"hidden": 8, "depth": 1}},
+                      federation={"workers": 2, "rounds": 1, "local_steps": 1,
+                                  "batch_size": 8},
+                      privacy={"mode": "sample", "clip": 1.0, "noise_multiplier": 1.0})
+    with pytest.raises(FedscoreError, match="precision fp32"):
+        train_federated(cfg, progress=False, runtime=resolve("cpu", "bf16"))
+    assert not (tmp_path / "runs").exists()
