@@ -36,16 +36,44 @@ def no_space(path: str | os.PathLike, kept: str) -> FedscoreError:
     )
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc (read without changing it); elsewhere
+    it is set and restored at once (os.umask is the only way to read it there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions `path` gets: those it has when it exists (a file its owner made
+    private stays private), else what open() would give a new file (0o666 less the umask).
+    mkstemp's 0o600 would leave a run's outputs unreadable to the team that shares them."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, fsync it, rename it over
-    `path`, fsync the folder. If `write` raises, the temporary file is removed and `path`
+    `path`, fsync the folder; the file gets a new file's permissions (the umask's) or keeps
+    those of the file it replaces. If `write` raises, the temporary file is removed and `path`
     is left as it was (a crash mid-write loses the new file, never the old one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # after the write: a writer may replace the file, and a kept
+        # read-only mode would refuse the write
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
