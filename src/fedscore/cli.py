@@ -632,6 +632,23 @@ def _print_warnings() -> None:
         logger.addHandler(_WarningLines(logging.WARNING))
 
 
+def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    """Is an exception of `kind` in err's chain of causes and contexts?"""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _interrupted() -> None:
+    typer.echo("fedscore: interrupted; a run keeps its last checkpoint (`fedscore train "
+               "--resume` or `fedscore flower run --resume` continues it)", err=True)
+    sys.exit(130)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"fedscore: error: {message}", err=True)
     sys.exit(2)
@@ -646,8 +663,13 @@ def main() -> None:
     except FedscoreError as err:
         _fail(str(err))
     except KeyboardInterrupt:
-        typer.echo("fedscore: interrupted; the last checkpoint is kept", err=True)
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as done:
+        # Typer turns Ctrl-C into a silent exit 130 (an Exit raised from the
+        # KeyboardInterrupt): find that cause, so the user still reads what was kept
+        if done.code == 130 and _caused_by(done, KeyboardInterrupt):
+            _interrupted()
+        raise
     except BrokenPipeError:
         # the reader of stdout went away (`fedscore experiment list | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -285,3 +285,19 @@ def test_export_needs_out():
 def test_the_cli_formats_are_the_exporters():
     export = pytest.importorskip("fedscore.export")
     assert tuple(export.FORMATS) == EXPORT_FORMATS
+
+
+def test_ctrl_c_in_a_run_says_what_was_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Typer turns Ctrl-C into a silent exit 130; main() still tells the user that the run
+    kept its last checkpoint and how to continue it."""
+    import fedscore.runs.train as train_module
+
+    def interrupted(cfg, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_central", interrupted)
+    code, _, err = run_main(monkeypatch, capsys, tmp_path, "train", "--config",
+                            str(CONFIGS / "toy-gmm.yaml"), *TINY)
+    assert code == 130
+    assert "interrupted" in err and "--resume" in err
+    assert "Traceback" not in err
