@@ -123,16 +123,35 @@ def test_a_plan_that_cannot_run_writes_no_run_folder(tmp_path, privacy, fed, mes
     assert not (tmp_path / "bad").exists()
 
 
+def dp_sgd_cfg(tmp_path, **extra):
+    return load_config(None, name="dp-bf16", out_dir=str(tmp_path / "runs"),
+                       data={"name": "gmm:ring8"}, model={"options": {"hidden": 8, "depth": 1}},
+                       federation={"workers": 2, "rounds": 1, "local_steps": 1,
+                                   "batch_size": 8},
+                       privacy={"mode": "sample", "clip": 1.0, "noise_multiplier": 1.0},
+                       **extra)
+
+
 def test_dp_sgd_in_bf16_on_the_cpu_is_one_clear_error_before_any_file(tmp_path):
     """DP-SGD's per-sample gradients are a vmap of grad, which fails under CPU autocast in
     this torch: refused with the fix, like the engine's vmap strategy, nothing written."""
     from fedscore.runtime import resolve
 
-    cfg = load_config(None, name="dp-bf16", out_dir=str(tmp_path / "runs"),
-                      data={"name": "gmm:ring8"}, model={"options": {"hidden": 8, "depth": 1}},
-                      federation={"workers": 2, "rounds": 1, "local_steps": 1,
-                                  "batch_size": 8},
-                      privacy={"mode": "sample", "clip": 1.0, "noise_multiplier": 1.0})
     with pytest.raises(FedscoreError, match="precision fp32"):
-        train_federated(cfg, progress=False, runtime=resolve("cpu", "bf16"))
+        train_federated(dp_sgd_cfg(tmp_path), progress=False, runtime=resolve("cpu", "bf16"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_supernode_refuses_dp_sgd_in_bf16_on_its_cpu_naming_itself(tmp_path):
+    """The same limit on a SuperNode (its runtime is its own: the node config's device, the
+    run config's precision): its first message fails with the one message and the node's
+    partition id (what the server's failure log shows), not torch's traceback mid-round;
+    in fp32 the same node prepares."""
+    from fedscore.config import dump_config
+    from fedscore.flower.client_app import prepared
+
+    node = {"partition-id": 1, "num-partitions": 2, "device": "cpu"}
+    with pytest.raises(FedscoreError, match=r"partition-id=1: privacy mode sample .*fp32"):
+        prepared(dump_config(dp_sgd_cfg(tmp_path, precision="bf16")), node)
+    f = prepared(dump_config(dp_sgd_cfg(tmp_path, precision="fp32")), node)
+    assert f.privacy is not None and f.privacy.mode == "sample"

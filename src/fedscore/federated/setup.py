@@ -36,6 +36,7 @@ from fedscore.federated.masks import build_masks
 from fedscore.federated.optim import Optimizer, make_optimizer
 from fedscore.federated.seeding import MASKS, seed_for
 from fedscore.models.build import build_model_for
+from fedscore.privacy.dpsgd import check_runtime as check_dpsgd_runtime
 from fedscore.privacy.plan import PrivacyPlan, plan_for
 from fedscore.runtime import CPU_FP32, Runtime
 
@@ -243,6 +244,8 @@ def prepare(cfg: RunConfig, own_data: tuple[Tensor, Tensor] | None = None,
     error otherwise, naming model.num_classes).
     """
     fed = _federation(cfg)
+    if cfg.privacy is not None and cfg.privacy.mode == "sample":
+        check_dpsgd_runtime(runtime)  # before the model and data are built
     base = model_setup(cfg, runtime)
     if own_data is None:
         images, labels = datasets.load(cfg.data, split="train")

@@ -170,7 +170,11 @@ def prepared(config_text: str, node_config: dict) -> FederationSetup:
             _PREPARED.clear()
         cfg = config_from_text(config_text)
         rt = node_runtime(cfg, node_config)  # before any data is loaded
-        _PREPARED[key] = prepare(cfg, own_data=_own_data(cfg, node_config), runtime=rt)
+        try:
+            _PREPARED[key] = prepare(cfg, own_data=_own_data(cfg, node_config), runtime=rt)
+        except FedscoreError as err:  # in the server's failure log: which node, and why
+            who = node_config.get("partition-id", "?")
+            raise FedscoreError(f"SuperNode partition-id={who}: {err}") from None
     return _PREPARED[key]
 
 

@@ -24,8 +24,22 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
+from fedscore.errors import FedscoreError
 from fedscore.federated.seeding import noise_seed
 from fedscore.privacy.clip import clip_factor, gaussian_noise, seeded_generator
+from fedscore.runtime import Runtime
+
+
+def check_runtime(runtime: Runtime) -> None:
+    """DP-SGD's per-sample gradients are a vmap of grad, which fails under CPU autocast in
+    torch 2.14 ("expected scalar type BFloat16 but found Float"): a reduced precision on the
+    CPU is one clear error before any file, on the in-process engine and on a SuperNode
+    alike (`federated.setup.prepare` calls this), instead of torch's traceback mid-round."""
+    if runtime.precision != "fp32" and runtime.device.type == "cpu":
+        raise FedscoreError(
+            f"privacy mode sample (DP-SGD) cannot train in {runtime.precision} on the CPU: "
+            "its per-sample gradients are a vmap, which fails under CPU autocast in this "
+            "torch; use precision fp32 (--precision fp32)")
 
 
 @dataclass

@@ -193,7 +193,7 @@ def progress_hook(bar):
 # ---------------------------------------------------------------- the in-process run
 
 
-def workers_strategy(strategy: str, runtime: Runtime, privacy_mode: str | None = None) -> str:
+def workers_strategy(strategy: str, runtime: Runtime) -> str:
     """The engine strategy the workers can run with on `runtime`: torch.func.vmap of grad
     under CPU autocast fails in torch 2.14 ("expected scalar type BFloat16 but found
     Float"), so a reduced precision on the CPU trains the workers in a loop ("threads" or
@@ -201,11 +201,6 @@ def workers_strategy(strategy: str, runtime: Runtime, privacy_mode: str | None =
     fall back to that; naming "vmap" there is one clear error instead of torch's."""
     if runtime.precision == "fp32" or runtime.device.type != "cpu":
         return strategy
-    if privacy_mode == "sample":  # DP-SGD's per-sample gradients are a vmap of grad too
-        raise FedscoreError(
-            f"privacy mode sample (DP-SGD) cannot train in {runtime.precision} on the CPU: "
-            "its per-sample gradients are a vmap, which fails under CPU autocast in this "
-            "torch; use precision fp32 (--precision fp32)")
     if strategy == "vmap":
         raise FedscoreError(
             f"federation.strategy 'vmap' cannot train in {runtime.precision} on the CPU "
@@ -231,8 +226,8 @@ def train_federated(
     runtime = runtime or from_config(cfg)
     cfg = pinned(cfg, runtime)  # config.yaml records the resolved device and precision
     f = prepare(cfg, runtime=runtime)
-    # refuse before any file is written
-    strategy = workers_strategy(f.fed.strategy, runtime, cfg.privacy and cfg.privacy.mode)
+    # refuse before any file is written (DP-SGD's own limit is refused by prepare)
+    strategy = workers_strategy(f.fed.strategy, runtime)
     folder = folder or RunFolder.open(cfg, resume=resume, runtime=runtime)
     with folder.guard():  # finished on return, failed (with the reason) on any error
         return _train(cfg, f, folder, strategy, resume=resume, progress=progress,
