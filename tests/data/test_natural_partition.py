@@ -17,6 +17,7 @@ from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.federated.setup import prepare, worker_parts
 from fedscore.runs.evaluate import silo_parts
+from run_records import records
 
 
 def write_silos(root, layout, size=16, seed=0):
@@ -114,7 +115,7 @@ def test_fedscore_train_runs_a_federation_over_a_generated_folder(tmp_path):
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "own"
     assert (run / "model.safetensors").is_file() and (run / "config.yaml").is_file()
-    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = records(run)
     assert [r["round"] for r in rounds][-1] in (1, 2) and len(rounds) == 2
     assert all(np.isfinite(r["loss"]) for r in rounds)
     partition = json.loads((run / "partition.json").read_text())

@@ -5,8 +5,6 @@ every round's record. One simulation run per mode; every process stopped by its 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,6 +14,7 @@ from fedscore.errors import FedscoreError
 from fedscore.flower import secure
 from fedscore.flower.run import run_flower
 from fedscore.runs.federated import train_federated
+from run_records import records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,9 +30,6 @@ def dp_config(tmp_path, name, privacy, **fed):
                     "strategy": "sequential", **fed},
         privacy={"delta": 1e-5, "noise_seed": 7, **privacy})
 
-
-def records(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("privacy", [

@@ -4,9 +4,7 @@ context manager), even when the test fails."""
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from fedscore.flower.launch import LocalFlowerCluster
 from fedscore.flower.run import run_flower, server_settings
 from fedscore.runs.checkpoint import load_checkpoint
 from fedscore.runs.federated import train_federated
+from run_records import records, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,17 +34,6 @@ def fed_config(tmp_path, name, policy, workers=2, rounds=2, top=None, **extra):
     return load_config(**fields)
 
 
-def records(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_same_run(out, cfg):

@@ -6,9 +6,7 @@ Every process is stopped by its PID (`LocalFlowerCluster`)."""
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from fedscore.flower.launch import LocalFlowerCluster
 from fedscore.flower.run import run_flower, server_settings
 from fedscore.runs.checkpoint import load_checkpoint
 from fedscore.runs.federated import train_federated
+from run_records import records, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -35,9 +34,6 @@ def toy(tmp_path, name, rounds=2, secure_aggregation=True):
     return cfg.model_copy(update={"name": name, "federation": fed, "device": "cpu",
                                   "out_dir": str(tmp_path / "runs")})
 
-
-def records(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_equals_plain(out, cfg):
@@ -60,14 +56,6 @@ def assert_equals_plain(out, cfg):
     assert all(r["secure_aggregation"]["threshold"] == 2 for r in logged)
     assert all(r["bytes_up_total"] > r["bytes_dense_fedavg_up_total"] for r in logged)
 
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_loopback_secure_run_survives_a_killed_supernode(tmp_path):

@@ -5,7 +5,6 @@ server receives only masked vectors; dropouts within the threshold are survived.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fedscore.federated.setup import model_setup, prepare, worker_round
 from fedscore.flower import secure
 from fedscore.flower.secure_transport import SecureFlowerTransport
 from fedscore.runs.federated import train_federated
+from run_records import records
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clientapp_harness import client_round  # noqa: E402
@@ -77,7 +77,7 @@ def test_one_secure_round_equals_plain_eq8_within_the_quantisation_bound(tmp_pat
     bound = secure.quantization_bound(cfg.federation.secagg, 3)
     for k, v in reference.params.items():
         torch.testing.assert_close(params[k], v, rtol=0, atol=bound)
-    (want,) = _records(reference.folder.path)
+    (want,) = records(reference.folder.path)
     for key in ("coverage_hist", "min_coverage", "uncovered", "gamma_star"):
         assert r[key] == want[key]
     assert r["loss"] == pytest.approx(want["loss"], abs=1e-5)
@@ -102,14 +102,10 @@ def test_secure_rounds_equal_the_plain_run_within_the_summed_bounds(tmp_path, on
     bound = secure.quantization_bound(cfg.federation.secagg, 3)
     for k, v in reference.params.items():
         torch.testing.assert_close(params[k], v, rtol=0, atol=2 * 3 * bound)
-    want = _records(reference.folder.path)
+    want = records(reference.folder.path)
     assert [r["gamma_star"] for r in logged] == [r["gamma_star"] for r in want]
     for got, ref in zip(logged, want):
         assert got["loss"] == pytest.approx(ref["loss"], abs=1e-4)
-
-
-def _records(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_server_receives_only_masked_vectors(tmp_path, one_thread):

@@ -4,8 +4,6 @@ no data and sizes the model from the run config. Every process is stopped by its
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from fedscore.config import load_config
 from fedscore.federated.setup import model_setup
 from fedscore.flower.launch import LocalFlowerCluster
 from fedscore.flower.run import server_settings
+from run_records import records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,7 +43,7 @@ def test_supernodes_train_on_their_own_folders(tmp_path):
     out = tmp_path / "flower-silos"
     with LocalFlowerCluster(tmp_path / "home", nodes=2, node_config=nodes) as fed:
         fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=600)
-    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = records(out)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["replies"] == 2 and not r["degraded"] for r in rounds), rounds
     got = load_file(str(out / "model.safetensors"))

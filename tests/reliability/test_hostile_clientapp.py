@@ -6,7 +6,6 @@ answered (the honest workers' real ClientApp replies, computed here in-process).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fedscore.flower import launch
 from fedscore.flower.launch import LocalFlowerCluster
 from fedscore.flower.run import server_settings
 from fedscore.flower.transport import FlowerTransport
+from run_records import records
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -72,7 +72,7 @@ def test_a_hostile_supernode_is_dropped_every_round_and_the_model_is_unharmed(
         done = fed.run_app(server_settings(cfg, out, round_timeout=300), timeout=550)
     assert (out / "flower.json").is_file(), done.stdout[-3000:]
 
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = records(out)
     assert [r["round"] for r in logged] == list(range(1, len(CASES) + 1))
     for r, (corrupt, words) in zip(logged, CASES):
         assert r["degraded"] and r["workers"] == [1, 2] and r["missing_workers"] == [0], r

@@ -9,7 +9,6 @@ fail."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from fedscore.errors import FedscoreError
 from fedscore.flower import reaper
 from fedscore.flower.launch import FlowerRun, LocalFlowerCluster
 from fedscore.flower.run import server_settings
+from run_records import records
 
 pytestmark = [
     pytest.mark.skipif(not reaper.supported(), reason="the reaper needs Linux /proc"),
@@ -71,9 +71,6 @@ def left_over(mark: str, within: float) -> dict[int, bytes]:
     return {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
             for pid in pids if Path(f"/proc/{pid}/cmdline").exists()}
 
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def start_cli(out: Path, rounds: int, *extra: str) -> subprocess.Popen:

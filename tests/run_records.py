@@ -1,0 +1,28 @@
+"""What tests of real runs read back: a run folder's round records, and a wait for a
+condition that another process makes true (a SuperNode's first round, a log line). Imported
+by tests that run federations (tests/ is on sys.path: pytest inserts the root conftest's
+folder)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fedscore.io import read_jsonl
+
+
+def records(folder: Path) -> list[dict]:
+    """The round records of run folder `folder` (its metrics.jsonl)."""
+    return read_jsonl(folder / "metrics.jsonl")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` every 0.5 s until it holds; fail the test naming `what` after
+    `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
