@@ -13,13 +13,19 @@ from fedscore.flower import client_app
 from fedscore.flower.records import flat_record
 
 
-def train_message(cfg, params, q: int) -> Message:
-    content = RecordDict({"global": flat_record(params),
-                          "settings": ConfigRecord({"config": dump_config(cfg), "round": q})})
+def message(content: dict | RecordDict, kind: str, q: int = 0) -> Message:
+    """A message of type `kind` (round q's) with its metadata set by hand, as the SuperLink
+    would."""
     meta = Metadata(run_id=1, message_id=f"m{q}", src_node_id=0, dst_node_id=1,
                     reply_to_message_id="", group_id=str(q), created_at=time.time(),
-                    ttl=600.0, message_type=MessageType.TRAIN)
-    return Message(content, metadata=meta)
+                    ttl=600.0, message_type=kind)
+    return Message(RecordDict(content), metadata=meta)
+
+
+def train_message(cfg, params, q: int) -> Message:
+    return message({"global": flat_record(params),
+                    "settings": ConfigRecord({"config": dump_config(cfg), "round": q})},
+                   MessageType.TRAIN, q)
 
 
 def client_round(cfg, params, q: int, node_config: dict, state: RecordDict | None = None

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import diffusers_folders
 from fedscore.config import load_config
 from fedscore.errors import FedscoreError
 from fedscore.federated.setup import model_setup
@@ -24,18 +25,8 @@ TINY = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups"
         "up_block_types": ("UpBlock2D", "AttnUpBlock2D")}
 
 
-def saved_unet(folder, *, pipeline=False, seed=0, **config):
-    """A small random UNet2DModel (8x8 grey unless config says otherwise) saved as a bare
-    unet folder, or as a DDPMPipeline folder (folder/unet)."""
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(**{"sample_size": 8, "in_channels": 1, "out_channels": 1,
-                                    **TINY, **config})
-    if pipeline:
-        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(
-            folder)
-    else:
-        unet.save_pretrained(folder)
-    return unet
+def saved_unet(folder, **kw):
+    return diffusers_folders.saved_unet(folder, blocks=TINY, **kw)
 
 
 def model_cfg(path, **model):
