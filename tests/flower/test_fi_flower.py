@@ -8,19 +8,17 @@ agent."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clientapp_harness import message
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
     Context,
-    Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -166,14 +164,6 @@ def test_route_on_loopback_supernodes_through_the_cli_is_the_in_process_route(ag
 # ------------------------------------------------------------ what the server accepts
 
 
-def message(content: dict, kind: str) -> Message:
-    """A message with its metadata set by hand, as the SuperLink would."""
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1,
-                    reply_to_message_id="", group_id="0", created_at=time.time(), ttl=600.0,
-                    message_type=kind)
-    return Message(RecordDict(content), metadata=meta)
-
-
 def score_reply(agent=0, call=3, values=None, extra=None, records=None):
     values = np.zeros(SHAPE, np.float32) if values is None else values
     content = {"scores": ArrayRecord({"score": Array(values)}),
@@ -223,7 +213,8 @@ def describe_message(agents_dirs, i, index=None, counts=None, config=None):
         if counts is None else counts
     return message({"agent": ConfigRecord({
         "agent": i if index is None else index, "name": folder.name, "config": text,
-        "class-counts": json.dumps(counts)})}, "query.describe")
+        "class-counts": json.dumps(counts), "signature": "{}", "diffusers": False})},
+        "query.describe")
 
 
 def test_the_clientapp_answers_with_its_own_agents_scores_only(agents):

@@ -8,33 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_folders import PLAIN, saved_unet
 from fedscore.config import dump_config, load_config
 from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import load_agents, sample_agents
 from fedscore.experiments.diffusers_agents import agent_config, is_diffusers_folder
 from fedscore.export import export_diffusers
-from fedscore.flower.fi_run import sample_agents_on
 from fedscore.models import build_model_for, save_weights
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
-        "down_block_types": ("DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D")}
+TINY = PLAIN
 
 
-def bare_unet(folder, seed, *, pipeline=False, counts=None, **config):
+def bare_unet(folder, seed, **kw):
     """A random 8x8 grey UNet2DModel saved as a unet folder (or a DDPMPipeline folder)."""
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(**{"sample_size": 8, "in_channels": 1, "out_channels": 1,
-                                    **TINY, **config})
-    if pipeline:
-        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(
-            folder)
-    else:
-        unet.save_pretrained(folder)
-    if counts is not None:
-        (folder / "class_counts.json").write_text(json.dumps({"class_counts": counts}))
+    saved_unet(folder, seed=seed, **kw)
     return folder
 
 
@@ -128,13 +117,6 @@ def test_a_conditional_run_folder_and_an_unconditional_unet_are_refused(tmp_path
     run = run_folder(tmp_path, "agent-00", seed=0, counts=[1] * 10)
     with pytest.raises(FedscoreError, match="labels"):
         load_agents([run, bare_unet(tmp_path / "u", seed=0)])
-
-
-def test_flower_deployments_refuse_diffusers_folders_before_starting(tmp_path):
-    dirs = [bare_unet(tmp_path / f"u{i}", seed=i) for i in range(2)]
-    with pytest.raises(FedscoreError, match="--deployment inprocess"):
-        sample_agents_on(dirs, tmp_path / "out", deployment="loopback")
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_that_is_no_model_is_one_clear_error(tmp_path):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fedscore import data as datasets
 from fedscore import diffusion
-from fedscore.config import dump_config, load_config
+from fedscore.config import RunConfig, dump_config, load_config
 from fedscore.data import shape_and_classes
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.diffusers_agents import (
@@ -163,10 +163,9 @@ def load_agents(
     if not dirs:
         raise FedscoreError("load_agents needs at least one agent run folder")
     models, cfgs, counts = zip(*(load_agent(d) for d in dirs))
-    if any(is_diffusers_folder(d) for d in dirs):
-        _check_one_architecture(dirs, models, cfgs)
-    else:
-        _check_same_settings(dirs, cfgs)
+    signatures = ([signature(m, c) for m, c in zip(models, cfgs)]
+                  if any(is_diffusers_folder(d) for d in dirs) else None)
+    check_agree([f"agent {str(d)!r}" for d in dirs], cfgs, signatures)
     width = max(len(c) for c in counts)
     counts_t = torch.tensor([c + [0] * (width - len(c)) for c in counts], dtype=torch.long)
     if device is not None:
@@ -177,31 +176,36 @@ def load_agents(
     return agents
 
 
-def _check_same_settings(dirs: list[Path], cfgs) -> None:
-    same = ("model", "data", "diffusion")
-    ref = {k: dump_config(getattr(cfgs[0], k)) for k in same}
-    for d, cfg in zip(dirs[1:], cfgs[1:]):
-        for k in same:
-            if dump_config(getattr(cfg, k)) != ref[k]:
-                raise FedscoreError(
-                    f"agent {str(d)!r} has different `{k}` settings than {str(dirs[0])!r}: "
-                    "federated inference combines agents of one architecture on one dataset"
-                )
+SAME = ("model", "data", "diffusion")
+"""What run-folder agents must share: federated inference combines agents of one
+architecture on one dataset."""
 
 
-def _check_one_architecture(dirs: list[Path], models, cfgs) -> None:
-    ref = signature(models[0], cfgs[0])
-    for d, model, cfg in zip(dirs[1:], models[1:], cfgs[1:]):
-        sig = signature(model, cfg)
-        for k, v in ref.items():
-            if sig[k] != v:
+def check_agree(names: Sequence[str], cfgs: Sequence[RunConfig],
+                signatures: Sequence[dict] | None = None) -> None:
+    """The agents combined into one score agree with agent 0, or one FedscoreError naming
+    the first that does not (`names[i]`: how it is named). Run folders alone (signatures
+    None) must share their `SAME` settings; a set with diffusers folders, whose configs are
+    synthesised, must share `signature`: architecture (every parameter's shape), item shape,
+    labels, parameterisation and time map. The one check of `load_agents` and of the Flower
+    FI server, which gets the configs and signatures from the agents' SuperNodes."""
+    if signatures is None:
+        ref = {k: dump_config(getattr(cfgs[0], k)) for k in SAME}
+        for name, cfg in zip(names[1:], cfgs[1:]):
+            for k in SAME:
+                if dump_config(getattr(cfg, k)) != ref[k]:
+                    raise FedscoreError(
+                        f"{name} has different `{k}` settings than {names[0]}: federated "
+                        "inference combines agents of one architecture on one dataset")
+        return
+    for name, sig in zip(names[1:], signatures[1:]):
+        for k, v in signatures[0].items():
+            if sig.get(k) != v:
                 what = ("another architecture" if k == "parameters"
-                        else f"{sig[k]!r} vs {v!r}")
+                        else f"{sig.get(k)!r} vs {v!r}")
                 raise FedscoreError(
-                    f"agent {str(d)!r} differs from {str(dirs[0])!r} in its {k} ({what}): "
-                    "federated inference combines agents of one architecture on one kind "
-                    "of image"
-                )
+                    f"{name} differs from {names[0]} in its {k} ({what}): federated "
+                    "inference combines agents of one architecture on one kind of image")
 
 
 def agents_runtime(run_dirs, device: str | None = None, precision: str | None = None

@@ -44,10 +44,10 @@ from fedscore import data as datasets
 from fedscore.config import dump_config
 from fedscore.errors import FedscoreError
 from fedscore.experiments.agents import agents_runtime, load_agents
+from fedscore.experiments.diffusers_agents import is_diffusers_folder, signature
 from fedscore.flower.client_app import process_age
-from fedscore.inference.agents import StackedAgents, read_class_counts
+from fedscore.inference.agents import StackedAgents
 from fedscore.inference.sampling import draw
-from fedscore.runs.evaluate import read_config
 from fedscore.runs.sampling import on_device
 from fedscore.runtime import Runtime
 
@@ -121,16 +121,19 @@ def _naming_the_agent(handler):
 @app.query("describe")
 @_naming_the_agent
 def describe(msg: Message, context: Context) -> Message:
-    """The agent's metadata: its index, folder name, resolved config and class counts. The
-    agent is loaded here too, so a broken folder fails before the first step."""
+    """The agent's metadata: its index, folder name, resolved config (a diffusers folder's
+    synthesised one), class counts, and its `signature` (architecture, item shape, labels,
+    time map: what the server checks the agents share, nothing of the weights' values). The
+    agent is loaded here, so a broken folder fails before the first step."""
     pid, folder, device, precision = _where(context)
-    counts = read_class_counts(folder)
-    cfg = read_config(folder)
-    _, runtime = loaded(folder, device, precision)
+    agents, runtime = loaded(folder, device, precision)
+    cfg = agents.config
     return Message(RecordDict({"agent": ConfigRecord({
         "agent": pid, "name": folder.name, "config": dump_config(cfg),
-        "class-counts": json.dumps(counts), "device": runtime.describe()["device"]})}),
-        reply_to=msg)
+        "class-counts": json.dumps(agents.counts[0].tolist()),
+        "signature": json.dumps(signature(agents.model, cfg)),
+        "diffusers": is_diffusers_folder(folder),
+        "device": runtime.describe()["device"]})}), reply_to=msg)
 
 
 def _array(record: ArrayRecord, key: str, dtype: str) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """`fedscore agents sample --deployment loopback | simulation`: federated inference on Flower,
 on this machine.
 
-Each agent is a SuperNode holding its own run folder: on "loopback" a SuperLink and K real
-`flower-supernode` processes on 127.0.0.1, node i started with node config
-`partition-id=i agent-dir=RUN_DIR_i`; on "simulation" Flower's simulation runtime with K
-virtual SuperNodes (Ray), which learn their folder from the run config's `agent-dirs` by
+Each agent is a SuperNode holding its own run folder or diffusers folder: on "loopback" a
+SuperLink and K real `flower-supernode` processes on 127.0.0.1, node i started with node
+config `partition-id=i agent-dir=FOLDER_i`; on "simulation" Flower's simulation runtime with
+K virtual SuperNodes (Ray), which learn their folder from the run config's `agent-dirs` by
 partition-id. The ServerApp (`fi_server_app`) drives the sampler and writes samples.npz and
 samples.png into `out`, as the in-process `sample_agents` does; Flower's home (logs) is
 `out/flower-home`. "inprocess" is `experiments.agents.sample_agents` itself. Per-step
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fedscore.errors import FedscoreError, unknown
 from fedscore.experiments.agents import check_sampling, sample_agents
-from fedscore.experiments.diffusers_agents import is_diffusers_folder
+from fedscore.experiments.diffusers_agents import agent_config, is_diffusers_folder
 from fedscore.flower.launch import LocalFlowerCluster, app_pyproject, tail
 from fedscore.inference.agents import read_class_counts
 from fedscore.runs.evaluate import FIGURE, SAMPLES, read_config
@@ -66,16 +66,15 @@ def fi_settings(run_dirs: list[Path], out: Path, *, aggregator: str, per_label: 
 
 
 def check_agents(run_dirs: list[Path]) -> None:
-    """Clear errors on this machine before any process starts: each folder an agent's."""
+    """Clear errors on this machine before any process starts: each folder an agent's (a
+    run folder, or a diffusers pipeline or unet folder: its config must describe an agent;
+    its weights are read on its SuperNode)."""
     if not run_dirs:
         raise FedscoreError("name at least one agent run folder")
     for d in run_dirs:
         if is_diffusers_folder(d):
-            raise FedscoreError(
-                f"{str(d)!r} is a diffusers folder: diffusers folders are agents of the "
-                "in-process deployment only (--deployment inprocess); on Flower each agent "
-                "is a SuperNode holding a run folder"
-            )
+            agent_config(d)
+            continue
         read_config(d)
         read_class_counts(d)
         if not (d / "model.safetensors").is_file():

@@ -51,9 +51,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
-from fedscore.config import RunConfig, config_from_text, dump_config
+from fedscore.config import RunConfig, config_from_text
 from fedscore.errors import FedscoreError
-from fedscore.experiments.agents import check_sampling, sample_with
+from fedscore.experiments.agents import check_agree, check_sampling, sample_with
 from fedscore.flower.fi_run import STATUS
 from fedscore.flower.transport import exchange, wait_for_nodes
 from fedscore.inference.agents import label_weights
@@ -64,7 +64,6 @@ DESCRIBE = f"{MessageType.QUERY}.describe"
 SCORE = f"{MessageType.QUERY}.score"
 ROUTE = f"{MessageType.QUERY}.route"
 NPY_HEADER = 4096  # bytes a .npy header may add to an array's data (numpy writes ~128)
-SAME = ("model", "data", "diffusion")  # what all agents must share (as load_agents checks)
 
 
 @dataclass
@@ -139,6 +138,8 @@ class Agent:
     name: str
     config: RunConfig
     counts: list[int]
+    signature: dict = field(default_factory=dict)
+    diffusers: bool = False  # a diffusers folder: its config is synthesised (signature decides)
 
 
 class RemoteAgents:
@@ -173,14 +174,7 @@ class RemoteAgents:
             raise FedscoreError(f"SuperNode {node} did not describe its agent: "
                                 f"{_failure(why)}")
         agents = bind([describe_reply(replies[n], n, k) for n in nodes], k)
-        for a in agents[1:]:
-            for key in SAME:
-                if dump_config(getattr(a.config, key)) != dump_config(getattr(
-                        agents[0].config, key)):
-                    raise FedscoreError(
-                        f"agent {a.index} ({a.name}) has different `{key}` settings than "
-                        f"agent 0 ({agents[0].name}): federated inference combines agents of "
-                        "one architecture on one dataset")
+        check_described(agents)
         return cls(grid, agents, timeout=timeout, poll=poll, log=log)
 
     def with_labels(self, labels: Tensor | None) -> RemoteAgents:
@@ -279,13 +273,29 @@ def describe_reply(reply: Message, node: int, k: int) -> Agent:
             raise FedscoreError("class counts must be a non-empty list of non-negative "
                                 "integers with a positive sum")
         config = config_from_text(str(rec["config"]), f"node {node}'s agent config")
+        signature = json.loads(str(rec["signature"]))
+        if not isinstance(signature, dict):
+            raise FedscoreError("its signature must be a JSON object")
+        diffusers = rec["diffusers"]
+        if not isinstance(diffusers, bool):
+            raise FedscoreError("'diffusers' must be true or false")
     except Exception as err:
         raise FedscoreError(f"SuperNode {node} described its agent wrongly: {_reason(err)}"
                             ) from None
     if not 0 <= index < k:
         raise FedscoreError(f"SuperNode {node} holds agent {index}, but this run has {k} "
                             f"agents (0..{k - 1}): check its partition-id")
-    return Agent(index, node, name, config, counts)
+    return Agent(index, node, name, config, counts, signature, diffusers)
+
+
+def check_described(agents: list[Agent]) -> None:
+    """The described agents (in index order) agree as `load_agents` requires of the same
+    folders on one machine (`experiments.agents.check_agree`): their settings, or, when any
+    is a diffusers folder, their signatures."""
+    signatures = ([a.signature for a in agents] if any(a.diffusers for a in agents)
+                  else None)
+    check_agree([f"agent {a.index} ({a.name})" for a in agents], [a.config for a in agents],
+                signatures)
 
 
 def bind(described: list[Agent], k: int) -> list[Agent]:
