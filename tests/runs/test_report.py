@@ -140,3 +140,4 @@ def test_bad_run_lists_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FedscoreError, match="not a run folder"):
         report_runs([tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a refused report writes nothing

@@ -279,9 +279,9 @@ def report_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Pa
     paths = [Path(p) for p in run_dirs]
     if not paths:
         raise FedscoreError("report needs at least one run folder")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = [_read_run(p, label) for p, label in zip(paths, _labels(paths))]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # only once every run folder has been read
     names = [r.label for r in runs]
 
     lines = [f"# fedscore report: {', '.join(names)}", ""]
