@@ -1,5 +1,6 @@
-"""What tests of real runs read back: a run folder's round records, and a wait for a
-condition that another process makes true (a SuperNode's first round, a log line). Imported
+"""What tests of real runs share: a run folder's round records, a federated run resumed to
+more rounds, and a wait for a condition that another process makes true (a SuperNode's
+first round, a log line). Imported
 by tests that run federations (tests/ is on sys.path: pytest inserts the root conftest's
 folder)."""
 
@@ -26,3 +27,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def resumed_to(cfg, rounds: int):
+    """Train federated run `cfg`, then resume it to `rounds` rounds (the rest of the config
+    unchanged); returns the resumed run's FederatedResult."""
+    from fedscore.runs.federated import train_federated
+
+    train_federated(cfg, progress=False)
+    longer = cfg.model_copy(update={"federation": cfg.federation.model_copy(
+        update={"rounds": rounds})})
+    return train_federated(longer, resume=True, progress=False)

@@ -14,6 +14,7 @@ from fedscore.runs.checkpoint import load_checkpoint
 from fedscore.runs.federated import train_federated
 from fedscore.runs.sampling import model_score_fn
 from fedscore.runs.train import DivergenceError
+from run_records import resumed_to
 
 
 def fed_cfg(tmp_path, name, rounds=4, **fed):
@@ -37,10 +38,7 @@ def test_four_rounds_equal_two_rounds_resume_and_two_more(tmp_path, optimizer, p
     kw = {"optimizer": optimizer, "policy": policy, "adam_state": adam_state}
     full = train_federated(fed_cfg(tmp_path, "full", 4, **kw), progress=False)
     half = fed_cfg(tmp_path, "half", 2, **kw)
-    train_federated(half, progress=False)
-    longer = half.model_copy(update={"federation": half.federation.model_copy(
-        update={"rounds": 4})})
-    resumed = train_federated(longer, resume=True, progress=False)
+    resumed = resumed_to(half, 4)
     for k, v in full.params.items():
         assert torch.equal(v, resumed.params[k]), k
     assert [r["round"] for r in resumed.folder.metrics()] == [1, 2, 3, 4]
