@@ -39,6 +39,13 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    @property
+    def vmap_of_grad_works(self) -> bool:
+        """torch.func.vmap of grad fails under CPU autocast in torch 2.14 ("expected scalar
+        type BFloat16 but found Float"): the engine's vmap strategy and DP-SGD's per-sample
+        gradients both need fp32 on the CPU (any precision elsewhere)."""
+        return self.precision == "fp32" or self.device.type != "cpu"
+
     def describe(self) -> dict:
         """What a run folder records of it."""
         return {"device": str(self.device), "precision": self.precision}

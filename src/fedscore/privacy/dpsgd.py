@@ -31,11 +31,11 @@ from fedscore.runtime import Runtime
 
 
 def check_runtime(runtime: Runtime) -> None:
-    """DP-SGD's per-sample gradients are a vmap of grad, which fails under CPU autocast in
-    torch 2.14 ("expected scalar type BFloat16 but found Float"): a reduced precision on the
-    CPU is one clear error before any file, on the in-process engine and on a SuperNode
-    alike (`federated.setup.prepare` calls this), instead of torch's traceback mid-round."""
-    if runtime.precision != "fp32" and runtime.device.type == "cpu":
+    """DP-SGD's per-sample gradients are a vmap of grad (`Runtime.vmap_of_grad_works`): a
+    reduced precision on the CPU is one clear error before any file, on the in-process
+    engine and on a SuperNode alike (`federated.setup.prepare` calls this), instead of
+    torch's traceback mid-round."""
+    if not runtime.vmap_of_grad_works:
         raise FedscoreError(
             f"privacy mode sample (DP-SGD) cannot train in {runtime.precision} on the CPU: "
             "its per-sample gradients are a vmap, which fails under CPU autocast in this "

@@ -194,12 +194,12 @@ def progress_hook(bar):
 
 
 def workers_strategy(strategy: str, runtime: Runtime) -> str:
-    """The engine strategy the workers can run with on `runtime`: torch.func.vmap of grad
-    under CPU autocast fails in torch 2.14 ("expected scalar type BFloat16 but found
-    Float"), so a reduced precision on the CPU trains the workers in a loop ("threads" or
-    "sequential"): "auto" and "chunked" (a GPU memory bound, as the paper configs name it)
-    fall back to that; naming "vmap" there is one clear error instead of torch's."""
-    if runtime.precision == "fp32" or runtime.device.type != "cpu":
+    """The engine strategy the workers can run with on `runtime`: where vmap of grad fails
+    (`Runtime.vmap_of_grad_works`: a reduced precision on the CPU) the workers train in a
+    loop ("threads" or "sequential"): "auto" and "chunked" (a GPU memory bound, as the
+    paper configs name it) fall back to that; naming "vmap" there is one clear error
+    instead of torch's."""
+    if runtime.vmap_of_grad_works:
         return strategy
     if strategy == "vmap":
         raise FedscoreError(
