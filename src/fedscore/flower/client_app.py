@@ -152,9 +152,15 @@ def node_runtime(cfg: RunConfig, node_config: dict) -> runtimes.Runtime:
     try:
         return runtimes.resolve(str(device), cfg.precision)
     except FedscoreError as err:
-        who = node_config.get("partition-id", "?")
-        raise FedscoreError(f"SuperNode partition-id={who}: cannot train on the {source}'s "
-                            f"device {str(device)!r}: {err}") from None
+        raise on_node(node_config, f"cannot train on the {source}'s device {str(device)!r}: "
+                                   f"{err}") from None
+
+
+def on_node(node_config: dict, message: str) -> FedscoreError:
+    """An error of this SuperNode, naming it: Flower sends the text to the server, whose
+    failure log then says which node failed and why."""
+    return FedscoreError(f"SuperNode partition-id={node_config.get('partition-id', '?')}: "
+                         f"{message}")
 
 
 _PREPARED: dict[tuple, FederationSetup] = {}
@@ -172,9 +178,8 @@ def prepared(config_text: str, node_config: dict) -> FederationSetup:
         rt = node_runtime(cfg, node_config)  # before any data is loaded
         try:
             _PREPARED[key] = prepare(cfg, own_data=_own_data(cfg, node_config), runtime=rt)
-        except FedscoreError as err:  # in the server's failure log: which node, and why
-            who = node_config.get("partition-id", "?")
-            raise FedscoreError(f"SuperNode partition-id={who}: {err}") from None
+        except FedscoreError as err:
+            raise on_node(node_config, str(err)) from None
     return _PREPARED[key]
 
 
